@@ -1,0 +1,86 @@
+"""Param-path utilities shared by every layer."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import jax
+import numpy as np
+
+_TREE = jax.tree_util
+
+# Flax kernels put input features first: Dense (in, out), DenseGeneral and
+# Einsum (in, ...). Quantization groups, packing, N:M runs and channel pruning
+# default to this axis; rules override it (e.g. axis=2 for HWIO conv kernels).
+INPUT_AXIS = 0
+
+
+def key_str(k: Any) -> str | None:
+  """One path entry as text; NNX `.value` accessors are dropped."""
+  if isinstance(k, _TREE.DictKey):
+    return str(k.key)
+  if isinstance(k, _TREE.SequenceKey):
+    return str(k.idx)
+  if isinstance(k, _TREE.GetAttrKey):
+    return None if k.name == "value" else k.name
+  if isinstance(k, _TREE.FlattenedIndexKey):
+    return str(k.key)
+  return str(k)
+
+
+def path_str(path: tuple) -> str:
+  """'/'-joined param path, e.g. 'params/Dense_0/kernel'."""
+  return "/".join(s for s in (key_str(k) for k in path) if s is not None)
+
+
+def is_compressed(x: Any) -> bool:
+  from compressjax.core.base import CompressedLeaf
+  return isinstance(x, CompressedLeaf)
+
+
+def leaves_with_paths(tree: Any) -> list[tuple[str, Any]]:
+  """(path, leaf) pairs where compressed leaves count as single leaves."""
+  flat, _ = _TREE.tree_flatten_with_path(tree, is_leaf=is_compressed)
+  return [(path_str(p), leaf) for p, leaf in flat]
+
+
+def map_with_paths(fn: Callable[[str, Any], Any], tree: Any) -> Any:
+  """tree_map over (path, leaf), compressed leaves treated as leaves."""
+  return _TREE.tree_map_with_path(
+      lambda p, x: fn(path_str(p), x), tree, is_leaf=is_compressed)
+
+
+def iter_compressed(tree: Any) -> Iterator[tuple[str, Any]]:
+  for p, leaf in leaves_with_paths(tree):
+    if is_compressed(leaf):
+      yield p, leaf
+
+
+def is_float_array(x: Any) -> bool:
+  return hasattr(x, "dtype") and np.issubdtype(np.dtype(x.dtype), np.floating)
+
+
+def materialize_tree(tree: Any) -> Any:
+  """Replace every compressed leaf by its exact dense value."""
+  return jax.tree.map(
+      lambda x: x.materialize() if is_compressed(x) else x, tree,
+      is_leaf=is_compressed)
+
+
+def partition_float(tree: Any) -> tuple[Any, Any]:
+  """Split a (compressed) tree into (float_part, rest) for `jax.grad`.
+
+  Inexact leaves go to the first tree, everything else (integer codes, masks,
+  indices) to the second; the other side holds None. `combine` undoes it.
+  """
+  def is_f(x):
+    return is_float_array(x)
+  flo = jax.tree.map(lambda x: x if is_f(x) else None, tree)
+  rest = jax.tree.map(lambda x: None if is_f(x) else x, tree)
+  return flo, rest
+
+
+def combine(float_part: Any, rest: Any) -> Any:
+  """Inverse of `partition_float`."""
+  return jax.tree.map(lambda a, b: b if a is None else a, float_part, rest,
+                      is_leaf=lambda x: x is None)

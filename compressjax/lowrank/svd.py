@@ -1,0 +1,109 @@
+"""Truncated SVD low-rank factorization.
+
+W (viewed as m x n) = U S V^T; keeping the r largest singular values gives
+A = U_r S_r^(1/2) (m x r), B = S_r^(1/2) V_r^T (r x n). By Eckart–Young the
+error ||W - AB||_F = sqrt(sum_{i>r} s_i^2) is the smallest of any rank-r
+matrix. Rank is fixed, a parameter ratio (r = floor(ratio * m * n / (m + n)),
+the ASVD convention), or the smallest r keeping an `energy` fraction of
+sum s_i^2. With `residual=True` the exact remainder W - AB is kept as a leaf
+(to be compressed further, e.g. chain(low_rank(...), quantize(...)) gives
+low-rank plus a quantized residual).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from compressjax.core.errors import CompressionError
+from compressjax.core.lowrank import LowRank
+from compressjax.core.qarray import QArray
+from compressjax.core.rules import Predicate, RuleLike, default_filter
+from compressjax.core.sparse import NMSparseArray, SparseArray
+from compressjax import transform as T
+
+
+def matrix_shape(shape) -> tuple[int, int]:
+  return math.prod(shape[:-1]), shape[-1]
+
+
+def choose_rank(s: np.ndarray, m: int, n: int, cfg: Mapping[str, Any],
+                path: str) -> int:
+  if cfg.get("rank") is not None:
+    return int(cfg["rank"])
+  if cfg.get("rank_ratio") is not None:
+    return max(1, int(cfg["rank_ratio"] * m * n / (m + n)))
+  e = np.cumsum(np.asarray(s, np.float64) ** 2)
+  return int(np.searchsorted(e, cfg["energy"] * e[-1] * (1 - 1e-12)) + 1)
+
+
+def check_lowrank_config(path: str, shape, cfg: Mapping[str, Any]) -> None:
+  if len(shape) < 2:
+    raise CompressionError("low-rank needs an array of rank >= 2", path)
+  m, n = matrix_shape(shape)
+  given = [k for k in ("rank", "rank_ratio", "energy") if cfg.get(k) is not None]
+  if len(given) != 1:
+    raise CompressionError("give exactly one of rank, rank_ratio, energy "
+                           f"(got {given or 'none'})", path)
+  r = cfg.get("rank")
+  if r is not None and not 1 <= r <= min(m, n):
+    raise CompressionError(
+        f"rank {r} is outside [1, min(m, n) = {min(m, n)}] for a {m}x{n} "
+        "matrix; lower the rank or use rank_ratio", path)
+  ratio = cfg.get("rank_ratio")
+  if ratio is not None and not 0 < ratio <= 1:
+    raise CompressionError(f"rank_ratio must be in (0, 1], got {ratio}", path)
+  if ratio is not None and int(ratio * m * n / (m + n)) > min(m, n):
+    raise CompressionError(
+        f"rank_ratio {ratio} gives rank {int(ratio * m * n / (m + n))} > "
+        f"min(m, n) = {min(m, n)}; lower it", path)
+  en = cfg.get("energy")
+  if en is not None and not 0 < en <= 1:
+    raise CompressionError(f"energy must be in (0, 1], got {en}", path)
+
+
+def factorize(w, *, rank=None, rank_ratio=None, energy=None,
+              residual: bool = False, path: str = "<array>") -> LowRank:
+  w = jnp.asarray(w)
+  cfg = dict(rank=rank, rank_ratio=rank_ratio, energy=energy)
+  check_lowrank_config(path, w.shape, cfg)
+  m, n = matrix_shape(w.shape)
+  x = w.astype(jnp.float32).reshape(m, n)
+  u, s, vt = jnp.linalg.svd(x, full_matrices=False)
+  r = choose_rank(np.asarray(s), m, n, cfg, path)
+  root = jnp.sqrt(s[:r])
+  a = (u[:, :r] * root).astype(w.dtype)
+  b = (root[:, None] * vt[:r]).astype(w.dtype)
+  lr = LowRank(a=a, b=b, residual=None, shape=tuple(w.shape),
+               dtype=jnp.dtype(w.dtype).name)
+  if residual:
+    rest = (x.reshape(w.shape) - lr.product().reshape(w.shape)).astype(w.dtype)
+    lr = LowRank(a=a, b=b, residual=rest, shape=lr.shape, dtype=lr.dtype)
+  return lr
+
+
+def _lowrank_leaf(path, leaf, cfg, state=None):
+  if isinstance(leaf, (QArray, SparseArray, NMSparseArray, LowRank)):
+    raise CompressionError(f"cannot factorize a {type(leaf).__name__}: apply "
+                           "low_rank first, then quantize or sparsify", path)
+  return factorize(leaf, path=path, **cfg)
+
+
+def _check(path, leaf, cfg):
+  check_lowrank_config(path, leaf.shape, cfg)
+
+
+def low_rank(rank: int | None = None, *, rank_ratio: float | None = None,
+             energy: float | None = None, residual: bool = False,
+             rules: Sequence[RuleLike] | None = None,
+             default: Predicate | None = default_filter) -> T.Transform:
+  """Truncated-SVD transform (see module doc); give one of rank, rank_ratio,
+  energy."""
+  base = dict(rank=rank, rank_ratio=rank_ratio, energy=energy,
+              residual=residual)
+  return T.leaf_transform("low_rank", base, _lowrank_leaf, _check, rules,
+                          default)

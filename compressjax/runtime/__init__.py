@@ -1,0 +1,3 @@
+from compressjax.runtime.interpret import apply, run
+
+__all__ = ["apply", "run"]

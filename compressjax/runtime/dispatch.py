@@ -1,0 +1,90 @@
+"""The one dispatch point where compressed operands meet matmul-like ops.
+
+`dot_general` and `conv_general_dilated` receive a compressed leaf (with the
+dtype the model asked for) as one operand. A rule registered for the leaf's
+type may compute the op directly from the compressed storage (this is where
+Pallas kernels plug in); a rule returns None to decline, and then the leaf is
+materialized exactly and the plain op runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from compressjax.core.base import materialize
+from compressjax.core.lowrank import LowRank
+from compressjax.core.qarray import QArray
+from pallas_kernels import reference
+
+DotRule = Callable[..., Any]
+_DOT_RULES: dict[type, list[DotRule]] = {}
+
+
+def register_dot_rule(leaf_type: type, rule: DotRule, first: bool = True):
+  """rule(x, leaf, dimension_numbers, out_dtype) -> array or None."""
+  rules = _DOT_RULES.setdefault(leaf_type, [])
+  rules.insert(0, rule) if first else rules.append(rule)
+
+
+def _result_dtype(lhs_dtype, rhs_dtype, preferred):
+  return preferred or jnp.result_type(lhs_dtype, rhs_dtype)
+
+
+def dot_general(lhs, rhs, dimension_numbers, *, lhs_leaf: bool, dtype,
+                precision=None, preferred_element_type=None, **params):
+  """lhs or rhs (per `lhs_leaf`) is a compressed leaf used with `dtype`."""
+  leaf, other = (lhs, rhs) if lhs_leaf else (rhs, lhs)
+  out_dtype = _result_dtype(other.dtype, dtype, preferred_element_type)
+  if not lhs_leaf:
+    for rule in _DOT_RULES.get(type(leaf), ()):
+      y = rule(other, leaf, dimension_numbers, out_dtype)
+      if y is not None:
+        return y
+  dense = materialize(leaf).astype(dtype)
+  ops = (dense, other) if lhs_leaf else (other, dense)
+  return jax.lax.dot_general(*ops, dimension_numbers, precision=precision,
+                             preferred_element_type=preferred_element_type,
+                             **params)
+
+
+def conv_general_dilated(lhs, rhs_leaf, *, dtype, **params):
+  """Convolutions materialize their compressed kernel (exact)."""
+  return jax.lax.conv_general_dilated_p.bind(
+      lhs, materialize(rhs_leaf).astype(dtype), **params)
+
+
+def _is_matmul(x, leaf, dims) -> bool:
+  """x (..., K) contracted with axis 0 of a 2-D leaf, no batch dims."""
+  (lc, rc), (lb, rb) = dims
+  return (leaf.ndim == 2 and tuple(lc) == (x.ndim - 1,) and tuple(rc) == (0,)
+          and not lb and not rb)
+
+
+def _qarray_dot(x, leaf: QArray, dims, out_dtype):
+  if not (_is_matmul(x, leaf, dims) and leaf.axis == 0
+          and getattr(leaf.fmt, "kind", None) == "int"):
+    return None
+  return reference.quantized_matmul(
+      x, leaf.codes, leaf.scale, leaf.zero, bits=leaf.fmt.bits,
+      k=leaf.shape[0], offset=leaf.fmt.offset, out_dtype=out_dtype)
+
+
+def _lowrank_dot(x, leaf: LowRank, dims, out_dtype):
+  if not _is_matmul(x, leaf, dims):
+    return None
+  xf = x.astype(jnp.float32)
+  hp = jax.lax.Precision.HIGHEST
+  y = jnp.matmul(jnp.matmul(xf, materialize(leaf.a).astype(jnp.float32),
+                            precision=hp),
+                 materialize(leaf.b).astype(jnp.float32), precision=hp)
+  if leaf.residual is not None:
+    y = y + dot_general(xf, leaf.residual, dims, lhs_leaf=False,
+                        dtype=jnp.float32)
+  return y.astype(out_dtype)
+
+
+register_dot_rule(QArray, _qarray_dot)
+register_dot_rule(LowRank, _lowrank_dot)

@@ -1,0 +1,202 @@
+"""Magnitude pruning: unstructured (per-layer or global threshold), N:M, block
+and channel patterns.
+
+Scores are |w| for elements and the L2 norm of a block (or channel) for
+structured patterns; the lowest-scoring `round(sparsity * count)` units are
+removed (ties broken by position, so results are deterministic). This is the
+magnitude baseline of SparseGPT (Frantar & Alistarh 2023, Sec. 5) and Wanda
+(Sun et al. 2023, Sec. 4); N:M keeps the N largest of every M consecutive
+weights along the input axis (Mishra et al. 2021, NVIDIA 2:4).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import layout
+from compressjax.core.errors import CompressionError
+from compressjax.core.tree import INPUT_AXIS
+from compressjax.core.lowrank import LowRank
+from compressjax.core.qarray import QArray
+from compressjax.core.rules import Predicate, RuleLike, default_filter
+from compressjax.core.sparse import (NMSparseArray, SparseArray,
+                                     dense_to_blocks, index_bits)
+from compressjax.core.tree import leaves_with_paths
+from compressjax import transform as T
+
+PATTERNS = ("unstructured", "nm", "block", "channel")
+
+
+def block_shape(shape, pattern: str, block=None, channel_axis=None):
+  nd = len(shape)
+  if pattern == "unstructured":
+    return (1,) * nd
+  if pattern == "block":
+    return tuple(block)
+  # channel: remove whole slices of `channel_axis` (default: input features)
+  ax = INPUT_AXIS if channel_axis is None else channel_axis % nd
+  return tuple(1 if d == ax else s for d, s in enumerate(shape))
+
+
+def keep_mask_from_scores(scores, n_prune: int):
+  """Boolean keep mask removing the n_prune lowest scores (stable ties)."""
+  flat = scores.reshape(-1)
+  order = jnp.argsort(flat, stable=True)
+  keep = jnp.ones(flat.shape, bool).at[order[:n_prune]].set(False)
+  return keep.reshape(scores.shape)
+
+
+def block_scores(w, block):
+  b = dense_to_blocks(jnp.asarray(w, jnp.float32), block)
+  nd = w.ndim
+  return jnp.sqrt(jnp.sum(b * b, axis=tuple(range(nd, 2 * nd))))
+
+
+def sparse_from_mask(w, keep_blocks, block, pattern: str) -> SparseArray:
+  """Builds a SparseArray from dense w and a boolean mask over the block grid."""
+  w = jnp.asarray(w)
+  bsz = math.prod(block)
+  flat_keep = keep_blocks.reshape(-1)
+  blocks = dense_to_blocks(w, block).reshape(-1, bsz)
+  kept = int(np.asarray(flat_keep).sum())
+  idx = jnp.nonzero(flat_keep, size=kept)[0]
+  values = blocks[idx].reshape(-1)
+  return SparseArray(values=values, mask=layout.pack(flat_keep, 1, 0),
+                     shape=tuple(w.shape), dtype=jnp.dtype(w.dtype).name,
+                     block=tuple(block), pattern=pattern)
+
+
+def nm_sparsify(w, n: int, m: int, axis: int | None = None) -> NMSparseArray:
+  """Keeps the n largest-|w| of every m consecutive elements along `axis`."""
+  w = jnp.asarray(w)
+  axis = INPUT_AXIS if axis is None else axis % w.ndim
+  x = jnp.moveaxis(w, axis, -1)
+  runs = x.reshape(x.shape[:-1] + (x.shape[-1] // m, m))
+  order = jnp.argsort(-jnp.abs(runs.astype(jnp.float32)), axis=-1, stable=True)
+  pos = jnp.sort(order[..., :n], axis=-1)  # keep in-run order
+  vals = jnp.take_along_axis(runs, pos, axis=-1)
+  vals = jnp.moveaxis(vals.reshape(x.shape[:-1] + (-1,)), -1, axis)
+  pos = jnp.moveaxis(pos.reshape(x.shape[:-1] + (-1,)).astype(jnp.uint8), -1,
+                     axis)
+  return NMSparseArray(values=vals, indices=layout.pack(pos, index_bits(m),
+                                                         axis),
+                       shape=tuple(w.shape), dtype=jnp.dtype(w.dtype).name,
+                       n=n, m=m, axis=axis)
+
+
+def check_sparse_config(path: str, shape, cfg: Mapping[str, Any]) -> None:
+  pattern = cfg.get("pattern", "unstructured")
+  nd = len(shape)
+  if pattern not in PATTERNS:
+    raise CompressionError(f"unknown sparsity pattern {pattern!r}; use one of "
+                           f"{PATTERNS}", path)
+  if pattern == "nm":
+    n, m = cfg.get("n"), cfg.get("m")
+    if n is None or m is None or not 0 < n < m:
+      raise CompressionError(f"N:M sparsity needs 0 < N < M, got {n}:{m}; "
+                             "e.g. n=2, m=4", path)
+    if m > 256:
+      raise CompressionError(f"M={m} is too large (at most 256)", path)
+    axis = cfg.get("axis")
+    axis = INPUT_AXIS if axis is None else axis % nd
+    if shape[axis] % m:
+      raise CompressionError(
+          f"M={m} does not divide in_features {shape[axis]} (axis {axis} of "
+          f"shape {tuple(shape)}); choose an M that divides it or skip this "
+          "param with a rule", path)
+    return
+  s = cfg.get("sparsity")
+  if s is None or not 0.0 <= s < 1.0:
+    raise CompressionError(f"sparsity must be in [0, 1), got {s}", path)
+  if pattern == "block":
+    block = cfg.get("block")
+    if block is None or len(block) != nd or any(
+        b < 1 or d % b for d, b in zip(shape, block)):
+      raise CompressionError(
+          f"block {block} does not tile shape {tuple(shape)}; give one block "
+          "size per dimension, each dividing it", path)
+  if cfg.get("scope", "layer") not in ("layer", "global"):
+    raise CompressionError("scope must be 'layer' or 'global'", path)
+  if cfg.get("scope", "layer") == "global" and pattern != "unstructured":
+    raise CompressionError("a global threshold is for unstructured sparsity "
+                           "only", path)
+
+
+def _float_target(path, leaf):
+  if isinstance(leaf, (QArray, SparseArray, NMSparseArray)):
+    raise CompressionError(
+        f"cannot sparsify a {type(leaf).__name__}: sparsify first, then "
+        "quantize (chain(sparsify(...), quantize(...)))", path)
+
+
+def _sparsify_leaf(path, leaf, cfg, state):
+  _float_target(path, leaf)
+  if isinstance(leaf, LowRank):
+    target = leaf.residual
+    if target is None:
+      raise CompressionError("low-rank param has no residual to sparsify",
+                             path)
+    return dataclasses.replace(
+        leaf, residual=_sparsify_leaf(path + "/residual", target, cfg, state))
+  pattern = cfg.get("pattern", "unstructured")
+  if pattern == "nm":
+    return nm_sparsify(leaf, cfg["n"], cfg["m"], cfg.get("axis"))
+  block = block_shape(leaf.shape, pattern, cfg.get("block"),
+                      cfg.get("channel_axis"))
+  scores = block_scores(leaf, block)
+  if cfg.get("scope", "layer") == "global":
+    # Ties at the threshold are pruned too, so slightly more may go.
+    keep = scores > state.extra["threshold"]
+  else:
+    keep = keep_mask_from_scores(scores, round(cfg["sparsity"] * scores.size))
+  return sparse_from_mask(leaf, keep, block, pattern)
+
+
+def _global_threshold(params, plan):
+  """One magnitude threshold across all selected (global-scope) leaves."""
+  chosen = [(p, l) for p, l in leaves_with_paths(params)
+            if p in plan and plan.configs[p].get("scope") == "global"]
+  if not chosen:
+    return {}
+  sparsities = {plan.configs[p]["sparsity"] for p, _ in chosen}
+  if len(sparsities) != 1:
+    raise CompressionError("global sparsity needs one target sparsity for "
+                           f"all its params, got {sorted(sparsities)}")
+  s = sparsities.pop()
+  mags = jnp.concatenate([jnp.abs(jnp.asarray(
+      l.residual if isinstance(l, LowRank) else l, jnp.float32)).ravel()
+                          for _, l in chosen])
+  n_prune = round(s * mags.size)
+  if n_prune == 0:
+    return {"threshold": -1.0}
+  return {"threshold": jnp.sort(mags)[n_prune - 1]}
+
+
+def _check(path, leaf, cfg):
+  if isinstance(leaf, LowRank) and leaf.residual is not None:
+    leaf = leaf.residual
+  check_sparse_config(path, leaf.shape, cfg)
+
+
+def sparsify(sparsity: float = 0.5, *, pattern: str = "unstructured",
+             n: int | None = None, m: int | None = None,
+             axis: int | None = None, block: Sequence[int] | None = None,
+             channel_axis: int | None = None, scope: str = "layer",
+             rules: Sequence[RuleLike] | None = None,
+             default: Predicate | None = default_filter) -> T.Transform:
+  """Magnitude sparsification transform (see module doc).
+
+  pattern='unstructured' (scope 'layer' or 'global'), 'nm' (n of every m along
+  `axis`, default the input axis), 'block' (`block` shape) or 'channel'
+  (whole slices of `channel_axis`, default the input axis).
+  """
+  base = dict(sparsity=sparsity, pattern=pattern, n=n, m=m, axis=axis,
+              block=None if block is None else tuple(block),
+              channel_axis=channel_axis, scope=scope)
+  return T.leaf_transform("sparsify", base, _sparsify_leaf, _check, rules,
+                          default, precompute=_global_threshold)

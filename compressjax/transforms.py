@@ -1,0 +1,9 @@
+"""Transform objects (optax-style init/update pairs) for every algorithm."""
+
+from compressjax.lowrank.svd import low_rank
+from compressjax.quantize.rtn import quantize
+from compressjax.sparsify.magnitude import sparsify
+from compressjax.transform import LeafState, Transform, chain
+
+__all__ = ["LeafState", "Transform", "chain", "low_rank", "quantize",
+           "sparsify"]

@@ -1,0 +1,1 @@
+"""Pallas kernels (and their plain-jnp references) for compressed operands."""
