@@ -19,12 +19,11 @@ import dataclasses
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
-import numpy as np
 
 from compressjax.core.base import CompressedLeaf, is_concrete
 from compressjax.core.errors import CompressionError
 from compressjax.core.rules import Plan, Predicate, RuleLike, default_filter, resolve
-from compressjax.core.tree import leaves_with_paths, map_with_paths
+from compressjax.core.tree import is_float_array, leaves_with_paths, map_with_paths
 
 
 class Transform(NamedTuple):
@@ -56,8 +55,7 @@ def check_float_leaf(path: str, leaf: Any) -> None:
   """Rejects non-float leaves and (for concrete arrays) NaN or Inf."""
   if isinstance(leaf, CompressedLeaf):
     return
-  if not hasattr(leaf, "dtype") or not np.issubdtype(
-      np.dtype(leaf.dtype), np.floating):
+  if not is_float_array(leaf):
     raise CompressionError(
         f"cannot compress a non-float leaf of dtype "
         f"{getattr(leaf, 'dtype', type(leaf).__name__)}; add a rule "

@@ -38,6 +38,7 @@ def pack(u, bits: int, axis: int = 0):
   if bits == 8:
     return u
   u = jnp.moveaxis(u, axis, -1)
+  n = u.shape[-1]
   if 8 % bits == 0:
     per = 8 // bits
     u = _pad_to(u, -1, per)
@@ -50,7 +51,7 @@ def pack(u, bits: int, axis: int = 0):
     bit = (u[..., None] >> jnp.arange(bits, dtype=jnp.uint8)) & 1
     bit = bit.reshape(bit.shape[:-2] + (-1, 8))
     out = jnp.sum(bit << jnp.arange(8, dtype=jnp.uint8), axis=-1,
-                  dtype=jnp.uint8)
+                  dtype=jnp.uint8)[..., :packed_length(n, bits)]
   return jnp.moveaxis(out.astype(jnp.uint8), -1, axis)
 
 
@@ -65,6 +66,7 @@ def unpack(p, bits: int, n: int, axis: int = 0):
     u = (p[..., None] >> shifts) & jnp.uint8((1 << bits) - 1)
     u = u.reshape(u.shape[:-2] + (-1,))
   else:
+    p = _pad_to(p, -1, bits)  # whole groups of 8 codes
     bit = (p[..., None] >> jnp.arange(8, dtype=jnp.uint8)) & 1
     bit = bit.reshape(bit.shape[:-2] + (-1, bits))
     u = jnp.sum(bit << jnp.arange(bits, dtype=jnp.uint8), axis=-1,

@@ -20,6 +20,8 @@ import numpy as np
 from compressjax.core.errors import CompressionError
 
 LEAF_TYPES: dict[str, type] = {}
+# ml_dtypes floats (bfloat16, fp8) have numpy kind 'V', so ask jnp instead.
+_KINDS = {"f": jnp.floating, "i": jnp.signedinteger, "u": jnp.unsignedinteger}
 
 
 def array_nbytes(x: Any) -> int:
@@ -92,7 +94,8 @@ class CompressedLeaf:
       self._fail(f"{name} is missing")
     if shape is not None and tuple(x.shape) != tuple(shape):
       self._fail(f"{name} has shape {tuple(x.shape)}, expected {tuple(shape)}")
-    if kind is not None and np.dtype(x.dtype).kind not in kind:
+    if kind is not None and not any(
+        jnp.issubdtype(jnp.dtype(x.dtype), _KINDS[k]) for k in kind):
       self._fail(f"{name} has dtype {x.dtype}, expected kind {kind!r}")
 
   def __repr__(self):

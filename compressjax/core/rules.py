@@ -15,10 +15,9 @@ import re
 from typing import Any, Callable, Mapping, Sequence, Union
 
 from absl import logging
-import numpy as np
 
 from compressjax.core.errors import CompressionError
-from compressjax.core.tree import leaves_with_paths
+from compressjax.core.tree import is_float_dtype, leaves_with_paths
 
 Predicate = Callable[[str, Any], bool]
 
@@ -29,7 +28,7 @@ def default_filter(path: str, leaf: Any) -> bool:
   """2-D and larger float kernels; not embeddings, norms or biases."""
   if not hasattr(leaf, "shape") or len(leaf.shape) < 2:
     return False
-  if not np.issubdtype(np.dtype(leaf.dtype), np.floating):
+  if not is_float_dtype(leaf.dtype):
     return False
   return _EXCLUDED.fullmatch(path) is None
 

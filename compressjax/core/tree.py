@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterator
 
 import jax
-import numpy as np
+import jax.numpy as jnp
 
 _TREE = jax.tree_util
 
@@ -56,8 +56,13 @@ def iter_compressed(tree: Any) -> Iterator[tuple[str, Any]]:
       yield p, leaf
 
 
+def is_float_dtype(dtype: Any) -> bool:
+  # jnp, not np: ml_dtypes floats (bfloat16, fp8) are not np.floating.
+  return jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+
+
 def is_float_array(x: Any) -> bool:
-  return hasattr(x, "dtype") and np.issubdtype(np.dtype(x.dtype), np.floating)
+  return hasattr(x, "dtype") and is_float_dtype(x.dtype)
 
 
 def materialize_tree(tree: Any) -> Any:

@@ -1,0 +1,129 @@
+"""A small decoder-only byte-level transformer language model (flax.linen).
+
+Pre-LayerNorm GPT-style blocks. Every matmul weight is a 2-D `nn.Dense`
+kernel of shape (in_features, out_features), so each compression method
+(groups along in_features, N:M runs, SVD) sees ordinary matrices. Param paths:
+
+  params/embed/embedding            (256, d_model)      token embedding
+  params/pos_embed/embedding        (seq_len, d_model)  learned positions
+  params/block_{i}/ln_1/{scale,bias}
+  params/block_{i}/attn/{query,key,value,out}/{kernel,bias}
+  params/block_{i}/ln_2/{scale,bias}
+  params/block_{i}/mlp/{fc1,fc2}/{kernel,bias}
+  params/ln_f/{scale,bias}
+  params/head/{kernel,bias}         (d_model, 256)      untied output head
+
+    model = TransformerLM(TransformerConfig())
+    variables = model.init(jax.random.key(0), tokens)   # tokens (B, T) int
+    logits = model.apply(variables, tokens)             # (B, T, 256)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  vocab_size: int = 256
+  d_model: int = 128
+  n_layers: int = 4
+  n_heads: int = 4
+  d_mlp: int = 512
+  seq_len: int = 128  # maximum context (size of the position table)
+  dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    if self.d_model % self.n_heads:
+      raise ValueError(f"d_model {self.d_model} is not divisible by n_heads "
+                       f"{self.n_heads}")
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "TransformerConfig":
+    """From a config mapping; keys that are not fields are ignored."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in dict(d).items() if k in names})
+
+
+def _dense(features: int, name: str, std: float = 0.02) -> nn.Dense:
+  return nn.Dense(features, name=name,
+                  kernel_init=nn.initializers.normal(stddev=std))
+
+
+class CausalSelfAttention(nn.Module):
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x):
+    c = self.config
+    b, t, d = x.shape
+    hd = d // c.n_heads
+    # Separate 2-D Dense projections (not a fused or 3-D DenseGeneral kernel)
+    # so each is one matrix to the compression methods and the runtime.
+    split = lambda y: y.reshape(b, t, c.n_heads, hd)
+    q = split(_dense(d, "query")(x))
+    k = split(_dense(d, "key")(x))
+    v = split(_dense(d, "value")(x))
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(hd).astype(x.dtype)
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    logits = jnp.where(causal, logits, jnp.finfo(logits.dtype).min)
+    attn = jax.nn.softmax(logits, axis=-1)
+    y = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, t, d)
+    # GPT-2 style: scale residual-branch outputs down with depth.
+    return _dense(d, "out", 0.02 / (2 * c.n_layers) ** 0.5)(y)
+
+
+class MLP(nn.Module):
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x):
+    c = self.config
+    h = nn.gelu(_dense(c.d_mlp, "fc1")(x))
+    return _dense(c.d_model, "fc2", 0.02 / (2 * c.n_layers) ** 0.5)(h)
+
+
+class Block(nn.Module):
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x):
+    x = x + CausalSelfAttention(self.config, name="attn")(
+        nn.LayerNorm(name="ln_1")(x))
+    return x + MLP(self.config, name="mlp")(nn.LayerNorm(name="ln_2")(x))
+
+
+class TransformerLM(nn.Module):
+  """Byte-level decoder-only LM: int tokens (B, T) -> logits (B, T, 256)."""
+
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, tokens):
+    c = self.config
+    t = tokens.shape[-1]
+    if t > c.seq_len:
+      raise ValueError(f"sequence length {t} exceeds the model's seq_len "
+                       f"{c.seq_len}")
+    init = nn.initializers.normal(stddev=0.02)
+    x = nn.Embed(c.vocab_size, c.d_model, embedding_init=init,
+                 name="embed")(tokens.astype(jnp.int32))
+    pos = nn.Embed(c.seq_len, c.d_model, embedding_init=init,
+                   name="pos_embed")(jnp.arange(t))
+    x = (x + pos).astype(c.dtype)
+    for i in range(c.n_layers):
+      x = Block(c, name=f"block_{i}")(x)
+    x = nn.LayerNorm(name="ln_f")(x)
+    return _dense(c.vocab_size, "head")(x)
+
+
+def next_token_loss(logits, targets):
+  """Per-token cross entropy in float32, shape targets.shape."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32),
+                              axis=-1)[..., 0]
