@@ -16,6 +16,7 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -80,7 +81,7 @@ def _decode(s: dict, arrays: dict) -> Any:
   if t == "none":
     return None
   if t == "array":
-    return arrays[f"a{s['i']}"]
+    return jnp.asarray(arrays[f"a{s['i']}"])
   return s["v"]
 
 
