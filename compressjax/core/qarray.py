@@ -8,7 +8,9 @@ scale of shape (1, N) for a (K, N) kernel is per output channel, (K/g, N) is
 per group of g along the contraction axis, (1, 1) is per tensor.
 
 Codes of fewer than 8 bits are packed along `axis` (layout in
-`pallas_kernels.layout`).
+`pallas_kernels.layout`). `scale` may itself be a compressed leaf (e.g. the
+power-of-two block scales of MX formats, or double-quantized NF4 scales); it
+is materialized first, with no special case.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import layout
-from compressjax.core.base import CompressedLeaf, compressed_leaf
+from compressjax.core.base import CompressedLeaf, compressed_leaf, materialize
 from compressjax.core.format import Format
 
 
@@ -79,8 +81,12 @@ class QArray(CompressedLeaf):
                        lambda a, b: a - b)
     return q
 
+  def scale_values(self):
+    """float32 scales (materialized when the scale is itself compressed)."""
+    return materialize(self.scale).astype(jnp.float32)
+
   def materialize(self) -> jax.Array:
-    w = apply_groups(self.code_values(), self.scale.astype(jnp.float32),
+    w = apply_groups(self.code_values(), self.scale_values(),
                      self.axis, lambda a, b: a * b)
     return w.astype(self.dtype)
 

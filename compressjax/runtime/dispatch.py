@@ -68,7 +68,7 @@ def _qarray_dot(x, leaf: QArray, dims, out_dtype):
           and getattr(leaf.fmt, "kind", None) == "int"):
     return None
   return reference.quantized_matmul(
-      x, leaf.codes, leaf.scale, leaf.zero, bits=leaf.fmt.bits,
+      x, leaf.codes, leaf.scale_values(), leaf.zero, bits=leaf.fmt.bits,
       k=leaf.shape[0], offset=leaf.fmt.offset, out_dtype=out_dtype)
 
 

@@ -53,3 +53,18 @@ def test_nesting_without_special_cases():
   kept = np.asarray(d) != 0
   np.testing.assert_allclose(d[kept], np.asarray(w)[kept],
                              atol=float(jnp.max(sq.values.scale)) / 2 + 1e-6)
+
+
+def test_scale_may_itself_be_compressed():
+  w = jax.random.normal(jax.random.key(2), (64, 16))
+  q = quantize_array(w, 4, group_size=8)
+  qs = dataclasses.replace(q, scale=quantize_array(q.scale, 8, axis=0))
+  qs.validate()
+  assert qs.nbytes == q.codes.nbytes + 8 * 16 + 16 * 4
+  s_hat = qs.scale.materialize()
+  np.testing.assert_allclose(
+      qs.materialize(), (q.code_values().reshape(8, 8, 16) * s_hat[:, None])
+      .reshape(64, 16), rtol=1e-6)
+  y = cj.apply(lambda t, x: x @ t, qs, jnp.ones((2, 64)))
+  np.testing.assert_allclose(y, jnp.ones((2, 64)) @ qs.materialize(),
+                             rtol=1e-5)
