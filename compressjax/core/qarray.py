@@ -45,7 +45,7 @@ class QArray(CompressedLeaf):
   meta_fields = ("shape", "dtype", "fmt", "axis")
 
   codes: Any
-  scale: Any
+  scale: Any  # array, compressed leaf, or None (codes are the values)
   zero: Any
   shape: tuple[int, ...]
   dtype: str
@@ -54,10 +54,14 @@ class QArray(CompressedLeaf):
 
   @property
   def group_size(self) -> int:
+    if self.scale is None:
+      return self.shape[self.axis]
     return self.shape[self.axis] // self.scale.shape[self.axis]
 
   @property
   def granularity(self) -> str:
+    if self.scale is None:
+      return "none"
     if all(d == 1 for d in self.scale.shape):
       return "tensor"
     return "channel" if self.scale.shape[self.axis] == 1 else "group"
@@ -83,11 +87,14 @@ class QArray(CompressedLeaf):
 
   def scale_values(self):
     """float32 scales (materialized when the scale is itself compressed)."""
+    if self.scale is None:
+      return jnp.ones((1,) * len(self.shape), jnp.float32)
     return materialize(self.scale).astype(jnp.float32)
 
   def materialize(self) -> jax.Array:
-    w = apply_groups(self.code_values(), self.scale_values(),
-                     self.axis, lambda a, b: a * b)
+    w = self.code_values()
+    if self.scale is not None:  # None: the codes are the values (E8M0 scales)
+      w = apply_groups(w, self.scale_values(), self.axis, lambda a, b: a * b)
     return w.astype(self.dtype)
 
   def validate(self) -> None:
@@ -101,6 +108,10 @@ class QArray(CompressedLeaf):
     if np.dtype(self.codes.dtype) != np.dtype(self.fmt.storage_dtype):
       self._fail(f"codes dtype {self.codes.dtype} != format storage "
                  f"{np.dtype(self.fmt.storage_dtype)}")
+    if self.scale is None:
+      if self.zero is not None:
+        self._fail("a zero point needs a scale")
+      return super().validate()
     self._expect("scale", self.scale, kind="f")
     if self.scale.ndim != len(shape):
       self._fail(f"scale rank {self.scale.ndim} != array rank {len(shape)}")

@@ -15,8 +15,9 @@ import dataclasses
 import jax.numpy as jnp
 
 from compressjax.core.format import Format, register_format
+from compressjax.formats.rounding import stochastic_round_int
 
-MIN_BITS, MAX_BITS = 2, 8
+MIN_BITS, MAX_BITS = 2, 8  # 1 bit: see levels.BINARY (sign and scale)
 
 
 @register_format
@@ -60,6 +61,12 @@ class IntFormat(Format):
   def decode(self, stored):
     return stored.astype(jnp.float32) + self.offset
 
+  @property
+  def max_value(self) -> int:
+    return self.qmax
+
   def round(self, x, key=None):
-    del key  # deterministic round-to-nearest-even
+    """Round-half-to-even, or stochastic rounding when a key is given."""
+    if key is not None:
+      return stochastic_round_int(x, key, self.qmin, self.qmax)
     return jnp.clip(jnp.round(x), self.qmin, self.qmax)

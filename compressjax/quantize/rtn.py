@@ -15,6 +15,7 @@ s/2 bound still holds with the stored scale.
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -27,6 +28,7 @@ from compressjax.core.lowrank import LowRank
 from compressjax.core.qarray import QArray, apply_groups
 from compressjax.core.rules import Predicate, RuleLike, default_filter
 from compressjax.core.sparse import NMSparseArray, SparseArray
+from compressjax import formats
 from compressjax.formats.integer import IntFormat
 from compressjax import transform as T
 
@@ -53,52 +55,86 @@ def _store_scale(s, scale_dtype):
   return jnp.where(low, jnp.nextafter(sc, jnp.array(jnp.inf, sc.dtype)), sc)
 
 
-def quantize_array(w, bits: int = 8, *, group_size: int | None = None,
-                   symmetric: bool = True, per_tensor: bool = False,
-                   axis: int | None = None, scale_dtype: Any = jnp.float32,
-                   fmt: IntFormat | None = None, path: str = "<array>") -> QArray:
-  """RTN-quantizes one float array into a QArray."""
+def quantize_array(w, bits: int = 8, *, format: str | None = None,
+                   group_size: int | None = None, symmetric: bool = True,
+                   per_tensor: bool = False, axis: int | None = None,
+                   scale_dtype: Any = jnp.float32, key=None,
+                   double_quant: bool = False,
+                   path: str = "<array>") -> QArray:
+  """Quantizes one float array into a QArray.
+
+  Args:
+    bits: integer bits when `format` is None.
+    format: a name from `compressjax.formats.NAMES` (int3, ternary, nf4,
+      fp8_e4m3, mxfp4, nvfp4, ...); block-scale schemes bring their own blocks.
+    group_size / per_tensor: scale granularity (default per output channel).
+    key: PRNG key for stochastic rounding (default: round to nearest even).
+    double_quant: store the scales themselves as 8-bit asymmetric integers
+      per output channel (QLoRA-style double quantization).
+  """
   w = jnp.asarray(w)
-  fmt = fmt or _int_format(bits, symmetric, path)
   axis = INPUT_AXIS if axis is None else axis % max(w.ndim, 1)
-  check_quant_config(path, w.shape, dict(group_size=group_size, axis=axis))
+  cfg = dict(bits=bits, format=format, group_size=group_size,
+             symmetric=symmetric, axis=axis)
+  check_quant_config(path, w.shape, cfg)
+  fmt = resolve_format(cfg, path)
+  if isinstance(fmt, str):  # MX / NVFP4: blocks and scales by definition
+    if fmt == "nvfp4":
+      return formats.quantize_nvfp4(w, axis=axis, key=key)
+    return formats.quantize_mx(w, fmt, axis=axis, key=key)
   groups = 1 if group_size is None else w.shape[axis] // group_size
   x = w.astype(jnp.float32)
-  if fmt.symmetric:
-    amax = _scale_reduce(jnp.abs(x), jnp.max, axis, groups, per_tensor)
-    s = amax / fmt.qmax
-    zero = None
-  else:
-    hi = jnp.maximum(_scale_reduce(x, jnp.max, axis, groups, per_tensor), 0.)
-    lo = jnp.minimum(_scale_reduce(x, jnp.min, axis, groups, per_tensor), 0.)
+  reduce = lambda v, fn: _scale_reduce(v, fn, axis, groups, per_tensor)
+  zero = None
+  if isinstance(fmt, IntFormat) and not fmt.symmetric:
+    hi = jnp.maximum(reduce(x, jnp.max), 0.)
+    lo = jnp.minimum(reduce(x, jnp.min), 0.)
     s = (hi - lo) / (fmt.qmax - fmt.qmin)
+  else:
+    rule = getattr(fmt, "scale_rule", "absmax")
+    if rule == "absmax":
+      s = reduce(jnp.abs(x), jnp.max) / fmt.max_value
+    else:
+      s = reduce(jnp.abs(x), jnp.mean) * (1.4 if rule == "twn" else 1.0)
   s = jnp.where(s > 0, s, 1.0)  # all-zero group: any scale is exact
   s = _store_scale(s, scale_dtype)
   sf = s.astype(jnp.float32)
-  if not fmt.symmetric:
-    zero = jnp.clip(jnp.round(-lo / sf), fmt.qmin, fmt.qmax)
   y = apply_groups(x, sf, axis, lambda a, b: a / b)
-  if zero is not None:
+  if isinstance(fmt, IntFormat) and not fmt.symmetric:
+    zero = jnp.clip(jnp.round(-lo / sf), fmt.qmin, fmt.qmax)
     y = apply_groups(y, zero, axis, lambda a, b: a + b)
-  q = fmt.round(y)
-  stored = fmt.encode(q)
+  stored = fmt.encode(fmt.round(y, key))
   codes = layout.pack(stored, fmt.bits, axis) if fmt.bits < 8 else stored
-  return QArray(codes=codes, scale=s,
+  scale = s
+  if double_quant:
+    scale = quantize_array(s, 8, symmetric=False, axis=axis, path=path)
+  return QArray(codes=codes, scale=scale,
                 zero=None if zero is None else zero.astype(jnp.uint8),
                 shape=tuple(w.shape), dtype=jnp.dtype(w.dtype).name, fmt=fmt,
                 axis=axis)
 
 
-def _int_format(bits, symmetric, path):
+def resolve_format(cfg: Mapping[str, Any], path: str):
+  name = cfg.get("format")
+  if name is None:
+    bits = cfg.get("bits", 8)
+    if not isinstance(bits, int) or not 2 <= bits <= 8:
+      raise CompressionError(
+          f"integer bits must be in [2, 8], got {bits}; choose bits between 2 "
+          "and 8 (or format='binary' for 1 bit)", path)
+    name = f"int{bits}"
   try:
-    return IntFormat(int(bits), bool(symmetric))
+    fmt = formats.get(name, bool(cfg.get("symmetric", True)))
   except ValueError as e:
-    raise CompressionError(f"{e}; choose bits between 2 and 8", path) from None
+    raise CompressionError(str(e), path) from None
+  if not cfg.get("symmetric", True) and not isinstance(fmt, IntFormat):
+    raise CompressionError(f"asymmetric quantization needs an integer "
+                           f"format, not {name}", path)
+  return fmt
 
 
 def check_quant_config(path: str, shape, cfg: Mapping[str, Any]) -> None:
-  if "bits" in cfg:
-    _int_format(cfg["bits"], cfg.get("symmetric", True), path)
+  fmt = resolve_format(cfg, path)
   nd = len(shape)
   axis = cfg.get("axis")
   axis = INPUT_AXIS if axis is None else axis
@@ -106,6 +142,18 @@ def check_quant_config(path: str, shape, cfg: Mapping[str, Any]) -> None:
     raise CompressionError(f"axis {axis} out of range for shape {tuple(shape)}",
                            path)
   g = cfg.get("group_size")
+  if isinstance(fmt, str):  # block-scale scheme
+    block = 16 if fmt == "nvfp4" else 32
+    n = shape[axis % nd] if nd else 1
+    if g is not None or cfg.get("per_tensor"):
+      raise CompressionError(f"{fmt} has its own blocks of {block}; drop "
+                             "group_size / per_tensor", path)
+    if n % block:
+      raise CompressionError(
+          f"{fmt} blocks of {block} do not divide in_features {n} (axis "
+          f"{axis % nd} of shape {tuple(shape)}); skip this param with a rule "
+          "or use another format for it", path)
+    return
   if g is not None:
     n = shape[axis % nd] if nd else 1
     if g <= 0 or n % g:
@@ -128,11 +176,14 @@ def _quantize_leaf(path, leaf, cfg, state=None):
         leaf, values=_quantize_leaf(path + "/values", leaf.values, sub))
   if isinstance(leaf, LowRank):
     if leaf.residual is not None:
-        return dataclasses.replace(leaf, residual=_quantize_leaf(
+      return dataclasses.replace(leaf, residual=_quantize_leaf(
           path + "/residual", leaf.residual, cfg))
     return dataclasses.replace(
         leaf, a=_quantize_leaf(path + "/a", leaf.a, cfg),
         b=_quantize_leaf(path + "/b", leaf.b, cfg))
+  cfg = dict(cfg)
+  if cfg.get("key") is not None:  # one independent stream per param
+    cfg["key"] = jax.random.fold_in(cfg["key"], zlib.crc32(path.encode()))
   return quantize_array(leaf, path=path, **cfg)
 
 
@@ -142,14 +193,17 @@ def _check(path, leaf, cfg):
   check_quant_config(path, leaf.shape, cfg)
 
 
-def quantize(bits: int = 8, *, group_size: int | None = None,
-             symmetric: bool = True, per_tensor: bool = False,
-             axis: int | None = None, scale_dtype: Any = jnp.float32,
+def quantize(bits: int = 8, *, format: str | None = None,
+             group_size: int | None = None, symmetric: bool = True,
+             per_tensor: bool = False, axis: int | None = None,
+             scale_dtype: Any = jnp.float32, key=None,
+             double_quant: bool = False,
              rules: Sequence[RuleLike] | None = None,
              default: Predicate | None = default_filter) -> T.Transform:
-  """RTN quantization transform (see module doc). Per-path overrides via rules,
-  e.g. `rules=[(r".*(embed|head).*", dict(bits=8))]`."""
-  base = dict(bits=bits, group_size=group_size, symmetric=symmetric,
-              per_tensor=per_tensor, axis=axis, scale_dtype=scale_dtype)
+  """Quantization transform (see `quantize_array`). Per-path overrides via
+  rules, e.g. `rules=[(r".*(embed|head).*", dict(bits=8, format=None))]`."""
+  base = dict(bits=bits, format=format, group_size=group_size,
+              symmetric=symmetric, per_tensor=per_tensor, axis=axis,
+              scale_dtype=scale_dtype, key=key, double_quant=double_quant)
   return T.leaf_transform("quantize", base, _quantize_leaf, _check, rules,
                           default)
