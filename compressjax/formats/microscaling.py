@@ -62,8 +62,9 @@ class E8M0Format(Format):
     return (jnp.clip(exponent, -127, 127) + 127).astype(jnp.uint8)
 
   def decode(self, stored):
-    e = stored.astype(jnp.float32) - 127.0
-    return jnp.where(stored == 255, jnp.nan, jnp.exp2(e))
+    # ldexp, not exp2: XLA's exp2 is not exact at integers
+    v = jnp.ldexp(jnp.float32(1.0), stored.astype(jnp.int32) - 127)
+    return jnp.where(stored == 255, jnp.nan, v)
 
   def round(self, x, key=None):
     return jnp.clip(jnp.floor(x), -127, 127)
@@ -95,7 +96,9 @@ def quantize_mx(w, scheme: str = "mxfp4", *, axis: int = 0, key=None) -> QArray:
                    shape=tuple(amax.shape), dtype="float32", fmt=E8M0Format(),
                    axis=axis)
   s = scale_q.materialize()
-  v = fmt.round(apply_groups(x, s, axis, lambda a, b: a / b), key)
+  # XLA flushes float32 subnormals (2^-127) to zero: keep 0 / 0 out
+  safe = jnp.where(s > 0, s, 1.0)
+  v = fmt.round(apply_groups(x, safe, axis, lambda a, b: a / b), key)
   return QArray(codes=_pack(fmt, v, axis), scale=scale_q, zero=None,
                 shape=tuple(w.shape), dtype=jnp.dtype(w.dtype).name, fmt=fmt,
                 axis=axis)
