@@ -1,6 +1,7 @@
 """Core types: compressed leaves, formats protocol, rules, tree utilities."""
 
 from compressjax.core.base import CompressedLeaf, LEAF_TYPES, materialize
+from compressjax.core.codebook import CodebookArray
 from compressjax.core.errors import CompressionError, TreeMismatchError
 from compressjax.core.lowrank import LowRank
 from compressjax.core.qarray import QArray
@@ -10,7 +11,7 @@ from compressjax.core.tree import (combine, is_compressed, leaves_with_paths,
                                    materialize_tree, partition_float, path_str)
 
 __all__ = [
-    "CompressedLeaf", "LEAF_TYPES", "materialize", "CompressionError",
+    "CodebookArray", "CompressedLeaf", "LEAF_TYPES", "materialize", "CompressionError",
     "TreeMismatchError", "LowRank", "QArray", "Plan", "Rule", "default_filter",
     "resolve", "NMSparseArray", "SparseArray", "combine", "is_compressed",
     "leaves_with_paths", "materialize_tree", "partition_float", "path_str",

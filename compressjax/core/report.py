@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from compressjax.core.base import CompressedLeaf, array_nbytes, materialize
+from compressjax.core.codebook import CodebookArray
 from compressjax.core.lowrank import LowRank
 from compressjax.core.qarray import QArray
 from compressjax.core.sparse import NMSparseArray, SparseArray
@@ -48,6 +49,8 @@ def describe(leaf: Any) -> str:
     g = {"tensor": "t", "channel": "c"}.get(leaf.granularity,
                                            f"g{leaf.group_size}")
     return f"{leaf.fmt.name} {g}"
+  if isinstance(leaf, CodebookArray):
+    return f"codebook{leaf.bits} x{leaf.groups}"
   if isinstance(leaf, NMSparseArray):
     inner = describe(leaf.values)
     return f"{leaf.n}:{leaf.m}" + (f"({inner})" if inner != "dense" else "")

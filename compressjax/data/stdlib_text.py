@@ -152,12 +152,14 @@ def num_eval_windows(data: np.ndarray, seq_len: int) -> int:
 
 def eval_batches(data: np.ndarray, seq_len: int, batch_size: int,
                  max_batches: int | None = None) -> Iterator[np.ndarray]:
-  """Non-overlapping (batch, seq_len + 1) validation windows, in order.
+  """Non-overlapping (batch, seq_len + 1) validation windows.
 
   Window i covers bytes [i * seq_len, (i + 1) * seq_len]: consecutive windows
   share one byte (the last target of one is the first input of the next), so
-  every byte after the first is predicted exactly once. Only full batches are
-  yielded (fixed shapes, one compilation); at most `max_batches` of them.
+  no byte is predicted twice. Only full batches are yielded (fixed shapes, one
+  compilation), at most `max_batches`; the windows they hold are spread
+  evenly over the whole validation set, so every held-out file contributes
+  even under a small cap. Deterministic, in order, all distinct.
   """
   windows = num_eval_windows(data, seq_len)
   n_batches = windows // batch_size
@@ -166,7 +168,9 @@ def eval_batches(data: np.ndarray, seq_len: int, batch_size: int,
   if n_batches == 0:
     raise ValueError(f"validation data ({len(data)} bytes) is too small for "
                      f"one batch of {batch_size} windows of {seq_len}")
+  k = n_batches * batch_size
+  chosen = np.arange(k) * windows // k  # strictly increasing since k <= windows
   offsets = np.arange(seq_len + 1)
   for b in range(n_batches):
-    starts = (b * batch_size + np.arange(batch_size)) * seq_len
+    starts = chosen[b * batch_size:(b + 1) * batch_size] * seq_len
     yield data[starts[:, None] + offsets]

@@ -7,8 +7,11 @@
                            per-channel/group float scale (FloatFormat)
   mxfp8_e4m3, mxfp8_e5m2, mxfp6_e2m3, mxfp6_e3m2, mxfp4, mxint8, nvfp4
                            microscaling schemes (block scales; microscaling.py)
+  codebook2 .. codebook4   Lloyd-fitted codebooks, per tensor or per group
+                           (codebook.py; a CodebookArray, not a QArray)
 """
 
+from compressjax.formats.codebook import quantize_codebook
 from compressjax.formats.float import FloatFormat
 from compressjax.formats.integer import IntFormat
 from compressjax.formats.levels import BINARY, NF4, TERNARY, LevelsFormat
@@ -21,7 +24,8 @@ ELEMENT_FORMATS = {
     "fp6_e2m3": FloatFormat("e2m3fn"), "fp6_e3m2": FloatFormat("e3m2fn"),
     "fp4_e2m1": FloatFormat("e2m1fn"),
 }
-SCHEMES = tuple(MX_ELEMENTS) + ("nvfp4",)
+CODEBOOKS = ("codebook2", "codebook3", "codebook4")
+SCHEMES = tuple(MX_ELEMENTS) + ("nvfp4",) + CODEBOOKS
 NAMES = tuple(f"int{b}" for b in range(2, 9)) + tuple(ELEMENT_FORMATS) + SCHEMES
 
 
@@ -38,4 +42,4 @@ def get(name: str, symmetric: bool = True):
 
 __all__ = ["BINARY", "E8M0Format", "FloatFormat", "IntFormat", "LevelsFormat",
            "NAMES", "NF4", "SCHEMES", "TERNARY", "get", "quantize_mx",
-           "quantize_nvfp4"]
+           "quantize_codebook", "quantize_nvfp4"]

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import layout
+from compressjax.core.codebook import CodebookArray
 from compressjax.core.errors import CompressionError
 from compressjax.core.tree import INPUT_AXIS
 from compressjax.core.lowrank import LowRank
@@ -60,7 +61,7 @@ def quantize_array(w, bits: int = 8, *, format: str | None = None,
                    per_tensor: bool = False, axis: int | None = None,
                    scale_dtype: Any = jnp.float32, key=None,
                    double_quant: bool = False,
-                   path: str = "<array>") -> QArray:
+                   path: str = "<array>") -> QArray | CodebookArray:
   """Quantizes one float array into a QArray.
 
   Args:
@@ -79,6 +80,9 @@ def quantize_array(w, bits: int = 8, *, format: str | None = None,
   check_quant_config(path, w.shape, cfg)
   fmt = resolve_format(cfg, path)
   if isinstance(fmt, str):  # MX / NVFP4: blocks and scales by definition
+    if fmt in formats.CODEBOOKS:
+      return formats.quantize_codebook(w, int(fmt[-1]), group_size=group_size,
+                                       axis=axis)
     if fmt == "nvfp4":
       return formats.quantize_nvfp4(w, axis=axis, key=key)
     return formats.quantize_mx(w, fmt, axis=axis, key=key)
@@ -142,6 +146,8 @@ def check_quant_config(path: str, shape, cfg: Mapping[str, Any]) -> None:
     raise CompressionError(f"axis {axis} out of range for shape {tuple(shape)}",
                            path)
   g = cfg.get("group_size")
+  if isinstance(fmt, str) and fmt in formats.CODEBOOKS:
+    fmt = None  # codebooks take group_size like integer formats
   if isinstance(fmt, str):  # block-scale scheme
     block = 16 if fmt == "nvfp4" else 32
     n = shape[axis % nd] if nd else 1
@@ -165,7 +171,7 @@ def check_quant_config(path: str, shape, cfg: Mapping[str, Any]) -> None:
 
 def _quantize_leaf(path, leaf, cfg, state=None):
   """Quantizes a dense leaf, or the float parts of a compressed one."""
-  if isinstance(leaf, QArray):
+  if isinstance(leaf, (QArray, CodebookArray)):
     raise CompressionError("param is already quantized; quantize once, or "
                            "skip it with a rule", path)
   if isinstance(leaf, (SparseArray, NMSparseArray)):
@@ -188,7 +194,8 @@ def _quantize_leaf(path, leaf, cfg, state=None):
 
 
 def _check(path, leaf, cfg):
-  if isinstance(leaf, (SparseArray, NMSparseArray, LowRank, QArray)):
+  if isinstance(leaf, (SparseArray, NMSparseArray, LowRank, QArray,
+                       CodebookArray)):
     return  # checked on the float part it will quantize
   check_quant_config(path, leaf.shape, cfg)
 

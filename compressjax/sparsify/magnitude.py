@@ -21,6 +21,7 @@ import numpy as np
 from pallas_kernels import layout
 from compressjax.core.errors import CompressionError
 from compressjax.core.tree import INPUT_AXIS
+from compressjax.core.codebook import CodebookArray
 from compressjax.core.lowrank import LowRank
 from compressjax.core.qarray import QArray
 from compressjax.core.rules import Predicate, RuleLike, default_filter
@@ -128,7 +129,7 @@ def check_sparse_config(path: str, shape, cfg: Mapping[str, Any]) -> None:
 
 
 def _float_target(path, leaf):
-  if isinstance(leaf, (QArray, SparseArray, NMSparseArray)):
+  if isinstance(leaf, (QArray, CodebookArray, SparseArray, NMSparseArray)):
     raise CompressionError(
         f"cannot sparsify a {type(leaf).__name__}: sparsify first, then "
         "quantize (chain(sparsify(...), quantize(...)))", path)

@@ -5,6 +5,7 @@ import statistics
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given, strategies as st
 
 from compressjax.formats import BINARY, NF4, TERNARY
@@ -65,3 +66,26 @@ def test_nf4_double_quant():
   assert dq.bits_per_weight == 4 + 8 / 64 + (32 + 8) / 512
   rel = lambda a: float(jnp.linalg.norm(w - a.materialize()) / jnp.linalg.norm(w))
   assert rel(dq) < rel(q) * 1.02
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_codebook_lloyd_is_optimal_for_its_assignment(bits):
+  from compressjax.formats.codebook import quantize_codebook
+  w = jax.random.t(jax.random.key(3), 3.0, (128, 16))
+  c = quantize_codebook(w, bits, group_size=64)
+  c.validate()
+  assert c.indices.shape == (128 * bits // 8, 16) and c.codebook.shape == (
+      2, 2**bits)
+  # each centroid is the mean of its members (a Lloyd fixed point) ...
+  idx = np.asarray(c.codes()).reshape(2, -1)
+  x = np.asarray(w).reshape(2, -1)
+  for g in range(2):
+    for k in range(2**bits):
+      members = x[g][idx[g] == k]
+      if members.size:
+        np.testing.assert_allclose(c.codebook[g, k], members.mean(), rtol=1e-3,
+                                   atol=1e-4)
+  # ... and it beats uniform RTN of the same bits on heavy-tailed weights
+  rtn = quantize_array(w, max(bits, 2), group_size=64)
+  err = lambda a: float(jnp.linalg.norm(w - a.materialize()))
+  assert err(c) < err(rtn)
