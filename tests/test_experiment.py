@@ -148,11 +148,15 @@ def test_batches():
     assert x.shape == (4, 17)
     np.testing.assert_array_equal(x, y)
   ev = list(stdlib_text.eval_batches(np.arange(200, dtype=np.uint8), 10, 4))
-  # 199 // 10 = 19 windows -> 4 full batches; windows tile without overlap.
+  # 199 // 10 = 19 windows -> 4 full batches of distinct, aligned windows.
   assert len(ev) == 4
-  starts = np.concatenate([e[:, 0] for e in ev])
-  np.testing.assert_array_equal(starts, np.arange(16) * 10)
   np.testing.assert_array_equal(ev[0][0], np.arange(11))
+  for batches, n in ((ev, 16), (list(stdlib_text.eval_batches(
+      np.arange(200, dtype=np.uint8), 10, 4, max_batches=2)), 8)):
+    starts = np.concatenate([e[:, 0] for e in batches]).astype(int)
+    assert len(starts) == n and starts[0] == 0
+    assert starts[-1] >= 150  # spread over the whole set
+    assert np.all(np.diff(starts) >= 10) and np.all(starts % 10 == 0)
   with pytest.raises(ValueError, match="not in the module list"):
     stdlib_text.load(val_files="no_such_module.py")
   with pytest.raises(FileNotFoundError, match="not found"):

@@ -1,0 +1,66 @@
+"""Default experiment: compress a byte-level LM trained on stdlib source.
+
+    python -m experiments.compress_lm --workdir=/tmp/cj_default
+    python -m experiments.compress_lm --workdir=/tmp/cj \
+        --config.quant.bits=3 --config.methods=float32,int4_g128
+
+Sizes are chosen so the whole run takes a few minutes on 2 CPU cores: int4
+group 128 divides every kernel's in_features (128 and 512).
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # compressjax.data.stdlib_text; the split is by file.
+  c.data = ml_collections.ConfigDict()
+  c.data.max_bytes = 2_000_000        # cap on training bytes
+  c.data.max_val_bytes = 200_000      # cap on validation bytes
+  c.data.val_files = "calendar.py,fractions.py,queue.py,textwrap.py,tokenize.py"
+  c.data.seq_len = 128
+
+  # compressjax.models.transformer.TransformerConfig
+  c.model = ml_collections.ConfigDict()
+  c.model.d_model = 128
+  c.model.n_layers = 4
+  c.model.n_heads = 4
+  c.model.d_mlp = 512
+  c.model.seq_len = c.data.get_ref("seq_len")
+
+  # Float baseline: adamw with linear warmup then cosine decay.
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 2000
+  c.train.batch_size = 8
+  c.train.learning_rate = 3e-3
+  c.train.end_lr_fraction = 0.1       # cosine decays to this x peak
+  c.train.warmup = 100
+  c.train.weight_decay = 0.1
+  c.train.grad_clip = 1.0
+  c.train.log_every = 250
+
+  # Validation perplexity over non-overlapping windows.
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 64
+  c.eval.max_batches = 4              # spread over the val set; 0 = all
+
+  c.quant = ml_collections.ConfigDict()
+  c.quant.bits = 4
+  c.quant.group_size = 128
+  c.quant.head_bits = 8               # low-bit rows: head at 8 bits (0: off)
+
+  c.sparsity = ml_collections.ConfigDict()
+  c.sparsity.fraction = 0.5
+  c.sparsity.n = 2
+  c.sparsity.m = 4
+  c.sparsity.prune_head = False       # as SparseGPT/Wanda: prune blocks only
+
+  c.lowrank = ml_collections.ConfigDict()
+  c.lowrank.rank_ratio = 0.5          # half the parameters of each kernel
+
+  # Rows of the table, in order: keys of experiments.compress_lm.METHODS.
+  c.methods = ("float32,int8,int4_g128,unstructured_50,nm_2_4,lowrank,"
+               "nm_2_4+int4")
+  return c
