@@ -62,5 +62,6 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Rows of the table, in order: keys of experiments.compress_lm.METHODS.
   c.methods = ("float32,int8,int4_g128,unstructured_50,nm_2_4,lowrank,"
-               "nm_2_4+int4")
+               "nm_2_4+int4,int3_g128,int2_g64,ternary,nf4,fp8_e4m3,mxfp4,"
+               "nvfp4,codebook3")
   return c

@@ -73,7 +73,7 @@ def _head_rules(c: Config) -> list:
   compressed at all, the default filter excludes it)."""
   if not c.quant.head_bits:
     return []
-  return [(r"params/head/kernel", dict(bits=c.quant.head_bits,
+  return [(r"params/head/kernel", dict(bits=c.quant.head_bits, format=None,
                                        group_size=None))]
 
 
@@ -146,6 +146,36 @@ METHODS: dict[str, Callable[[Config], cj.Transform]] = {
                        rules=_head_rules(c))),
         "{c.sparsity.n}:{c.sparsity.m} then int{c.quant.bits} RTN of the kept "
         "values, groups of {nm_group}{sparse_quant_head}"),
+    # Number formats (compressjax.formats): same head rule as the int4 row.
+    "int3_g128": method(
+        lambda c: T.quantize(3, group_size=c.quant.group_size,
+                             rules=_head_rules(c)),
+        "int3 RTN, symmetric, groups of {c.quant.group_size} inputs{head}"),
+    "int2_g64": method(
+        lambda c: T.quantize(2, group_size=64, rules=_head_rules(c)),
+        "int2 RTN, symmetric, groups of 64 inputs{head}"),
+    "ternary": method(
+        lambda c: T.quantize(format="ternary", rules=_head_rules(c)),
+        "ternary {{-1,0,1}} x per-channel scale (TWN threshold), 2-bit "
+        "codes{head}"),
+    "nf4": method(
+        lambda c: T.quantize(format="nf4", group_size=64,
+                             rules=_head_rules(c)),
+        "NF4 (QLoRA levels), absmax blocks of 64{head}"),
+    "fp8_e4m3": method(
+        lambda c: T.quantize(format="fp8_e4m3"),
+        "fp8 e4m3fn elements, float32 scale per output channel"),
+    "mxfp4": method(
+        lambda c: T.quantize(format="mxfp4", rules=_head_rules(c)),
+        "OCP MXFP4: e2m1 elements, E8M0 scale per 32 inputs{head}"),
+    "nvfp4": method(
+        lambda c: T.quantize(format="nvfp4", rules=_head_rules(c)),
+        "NVFP4: e2m1 elements, e4m3 scale per 16 inputs, f32 tensor "
+        "scale{head}"),
+    "codebook3": method(
+        lambda c: T.quantize(format="codebook3", group_size=c.quant.group_size,
+                             rules=_head_rules(c)),
+        "3-bit Lloyd codebook per {c.quant.group_size} input rows{head}"),
 }
 
 
