@@ -50,6 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.quant.bits = 4
   c.quant.group_size = 128
   c.quant.head_bits = 8               # low-bit rows: head at 8 bits (0: off)
+  c.quant.small_group_size = 64       # int2 and NF4 rows (NF4's block is 64)
 
   c.sparsity = ml_collections.ConfigDict()
   c.sparsity.fraction = 0.5

@@ -24,4 +24,5 @@ def get_config():
   c.eval.batch_size = 16
   c.eval.max_batches = 4
   c.quant.group_size = 32
+  c.quant.small_group_size = 32
   return c

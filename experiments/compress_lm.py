@@ -152,16 +152,19 @@ METHODS: dict[str, Callable[[Config], cj.Transform]] = {
                              rules=_head_rules(c)),
         "int3 RTN, symmetric, groups of {c.quant.group_size} inputs{head}"),
     "int2_g64": method(
-        lambda c: T.quantize(2, group_size=64, rules=_head_rules(c)),
-        "int2 RTN, symmetric, groups of 64 inputs{head}"),
+        lambda c: T.quantize(2, group_size=c.quant.small_group_size,
+                             rules=_head_rules(c)),
+        "int2 RTN, symmetric, groups of {c.quant.small_group_size} "
+        "inputs{head}"),
     "ternary": method(
         lambda c: T.quantize(format="ternary", rules=_head_rules(c)),
         "ternary {{-1,0,1}} x per-channel scale (TWN threshold), 2-bit "
         "codes{head}"),
     "nf4": method(
-        lambda c: T.quantize(format="nf4", group_size=64,
+        lambda c: T.quantize(format="nf4", group_size=c.quant.small_group_size,
                              rules=_head_rules(c)),
-        "NF4 (QLoRA levels), absmax blocks of 64{head}"),
+        "NF4 (QLoRA levels), absmax blocks of {c.quant.small_group_size}"
+        "{head}"),
     "fp8_e4m3": method(
         lambda c: T.quantize(format="fp8_e4m3"),
         "fp8 e4m3fn elements, float32 scale per output channel"),
