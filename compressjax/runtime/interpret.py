@@ -21,7 +21,7 @@ import jax.extend.core as jcore
 import jax.numpy as jnp
 import numpy as np
 
-from compressjax.core.base import CompressedLeaf
+from compressjax.core.base import CompressedLeaf, materialize
 from compressjax.core.errors import TreeMismatchError
 from compressjax.core.tree import is_compressed, leaves_with_paths
 from compressjax.runtime import dispatch
@@ -30,15 +30,22 @@ _INLINE = {"pjit", "jit", "closed_call", "core_call"}
 
 
 class Lazy:
-  """A compressed leaf flowing through the program, to be used as `dtype`."""
+  """A param flowing through the program, to be used as `dtype`: a compressed
+  leaf (kept compressed up to the dispatch point), or a dense param whose
+  matmul inputs an observer wants to see (calibration)."""
 
-  __slots__ = ("leaf", "dtype")
+  __slots__ = ("leaf", "dtype", "path", "observer")
 
-  def __init__(self, leaf: CompressedLeaf, dtype):
+  def __init__(self, leaf: Any, dtype, path: str | None = None,
+               observer: Callable | None = None):
     self.leaf, self.dtype = leaf, jnp.dtype(dtype)
+    self.path, self.observer = path, observer
 
   def force(self):
-    return self.leaf.materialize().astype(self.dtype)
+    return materialize(self.leaf).astype(self.dtype)
+
+  def cast(self, dtype) -> "Lazy":
+    return Lazy(self.leaf, dtype, self.path, self.observer)
 
 
 def _force(x):
@@ -59,13 +66,15 @@ def _lazy_eqn(eqn, invals):
   """Evaluates an equation some of whose inputs are Lazy."""
   name = eqn.primitive.name
   if name == "convert_element_type" and isinstance(invals[0], Lazy):
-    return Lazy(invals[0].leaf, eqn.params["new_dtype"])
+    return invals[0].cast(eqn.params["new_dtype"])
   if name == "dot_general":
     lhs, rhs = invals
     if isinstance(lhs, Lazy) != isinstance(rhs, Lazy):
       lazy = lhs if isinstance(lhs, Lazy) else rhs
       p = dict(eqn.params)
       dims = p.pop("dimension_numbers")
+      if lazy.observer is not None and lazy is rhs:
+        lazy.observer(lazy.path, lhs, dims)
       return dispatch.dot_general(
           lhs.leaf if lazy is lhs else lhs, rhs.leaf if lazy is rhs else rhs,
           dims, lhs_leaf=lazy is lhs, dtype=lazy.dtype, **p)
@@ -112,13 +121,18 @@ def _is_array(x) -> bool:
   return isinstance(x, (jax.Array, np.ndarray, np.generic))
 
 
-def apply(fn: Callable[..., Any], tree: Any, *args, **kwargs) -> Any:
+def apply(fn: Callable[..., Any], tree: Any, *args,
+          observe: Callable | None = None,
+          observe_paths: frozenset[str] = frozenset(), **kwargs) -> Any:
   """Calls `fn(tree, *args, **kwargs)` with compressed leaves kept compressed.
 
   Array leaves of args/kwargs are traced; other values (flags, strings) are
-  passed to `fn` as they are.
+  passed to `fn` as they are. `observe(path, x, dimension_numbers)` is called
+  (at trace time) with the input `x` of every matmul whose right operand is
+  the param at a path in `observe_paths`.
   """
   leaves, treedef = jax.tree.flatten(tree, is_leaf=is_compressed)
+  paths = [p for p, _ in leaves_with_paths(tree)]
   arg_leaves, arg_def = jax.tree.flatten((args, kwargs))
   dyn = [i for i, x in enumerate(arg_leaves) if _is_array(x)]
 
@@ -134,8 +148,12 @@ def apply(fn: Callable[..., Any], tree: Any, *args, **kwargs) -> Any:
   tree_specs = [spec(x) if hasattr(x, "shape") else x for x in leaves]
   closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(
       tree_specs, [spec(arg_leaves[i]) for i in dyn])
-  values = [Lazy(x, x.dense_dtype) if isinstance(x, CompressedLeaf) else x
-            for x in leaves if hasattr(x, "shape")]
+  def value(p, x):
+    obs = observe if p in observe_paths else None
+    if isinstance(x, CompressedLeaf):
+      return Lazy(x, x.dense_dtype, p, obs)
+    return Lazy(x, x.dtype, p, obs) if obs else x
+  values = [value(p, x) for p, x in zip(paths, leaves) if hasattr(x, "shape")]
   values += [arg_leaves[i] for i in dyn]
   outs = eval_jaxpr(closed.jaxpr, closed.consts, *values)
   return jax.tree.unflatten(jax.tree.structure(out_shape),
@@ -165,6 +183,31 @@ def _expected_params_check(expected: Any, tree: Any, what: str) -> None:
         "nnx.state(model, nnx.Param)) without renaming or reshaping params")
 
 
+def as_function(model: Any, tree: Any,
+                method: str | Callable | None = None) -> Callable[..., Any]:
+  """`fn(tree, *args, **kwargs)` for a linen Module, an nnx Module (whose
+  `nnx.Param` state `tree` replaces) or a function; checks NNX structure."""
+  from flax import linen as nn
+  from flax import nnx
+
+  if isinstance(model, nn.Module):
+    return lambda t, *a, **k: model.apply(t, *a, method=method, **k)
+  if isinstance(model, nnx.Module):
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    _expected_params_check(params, tree, type(model).__name__)
+
+    def fn(t, *a, **k):
+      m = nnx.merge(graphdef, t, rest)
+      f = getattr(m, method) if isinstance(method, str) else (
+          m if method is None else (lambda *aa, **kk: method(m, *aa, **kk)))
+      return f(*a, **k)
+    return fn
+  if callable(model):
+    return model
+  raise TypeError(f"run() takes a linen Module, an nnx Module or a function, "
+                  f"got {type(model).__name__}")
+
+
 def run(model: Any, tree: Any, *args, method: str | Callable | None = None,
         **kwargs) -> Any:
   """The entry point: runs a model on a (possibly compressed) params tree.
@@ -177,33 +220,13 @@ def run(model: Any, tree: Any, *args, method: str | Callable | None = None,
     tree: the compressed tree.
     method: linen method to apply, or NNX method name (default __call__).
   """
-  from flax import linen as nn
-  from flax import nnx
-
-  if isinstance(model, nn.Module):
-    def fn(t, *a, **k):
-      return model.apply(t, *a, method=method, **k)
-    try:
-      return apply(fn, tree, *args, **kwargs)
-    except Exception as e:  # flax scope errors name the missing/bad param
-      if type(e).__name__.startswith("ScopeParam") or "ScopeParam" in str(
-          type(e).__mro__):
-        raise TreeMismatchError(
-            f"the params tree does not match the model: {e}. Compress the "
-            "tree returned by model.init(...) without renaming or reshaping "
-            "params") from None
-      raise
-  if isinstance(model, nnx.Module):
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    _expected_params_check(params, tree, type(model).__name__)
-
-    def fn(t, *a, **k):
-      m = nnx.merge(graphdef, t, rest)
-      f = getattr(m, method) if isinstance(method, str) else (
-          m if method is None else (lambda *aa, **kk: method(m, *aa, **kk)))
-      return f(*a, **k)
+  fn = as_function(model, tree, method)
+  try:
     return apply(fn, tree, *args, **kwargs)
-  if callable(model):
-    return apply(model, tree, *args, **kwargs)
-  raise TypeError(f"run() takes a linen Module, an nnx Module or a function, "
-                  f"got {type(model).__name__}")
+  except Exception as e:  # flax scope errors name the missing/bad param
+    if "ScopeParam" in type(e).__name__:
+      raise TreeMismatchError(
+          f"the params tree does not match the model: {e}. Compress the "
+          "tree returned by model.init(...) without renaming or reshaping "
+          "params") from None
+    raise
