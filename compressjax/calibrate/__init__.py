@@ -1,0 +1,3 @@
+from compressjax.calibrate.capture import LayerStats, capture
+
+__all__ = ["LayerStats", "capture"]

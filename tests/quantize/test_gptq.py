@@ -1,0 +1,86 @@
+"""GPTQ against a slow, separately written float64 implementation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import compressjax as cj
+from compressjax.calibrate import capture
+from compressjax.quantize import quantize_array
+from compressjax.quantize.gptq import gptq, gptq_quantize
+
+
+def gptq_reference(w, h, bits, gs, damp=0.01):
+  """Frantar et al. Alg. 1 without lazy batching, float64, symmetric."""
+  W = np.asarray(w, np.float64).T.copy()  # (out, in)
+  H = np.asarray(h, np.float64).copy()
+  n, k = W.shape
+  dead = np.diag(H) == 0
+  H[dead, dead] = 1
+  W[:, dead] = 0
+  H += damp * np.mean(np.diag(H)) * np.eye(k)
+  U = np.linalg.cholesky(np.linalg.inv(H)).T
+  qmax = 2**(bits - 1) - 1
+  out = np.zeros_like(W)
+  s = None
+  for j in range(k):
+    if j % gs == 0:
+      s = np.abs(W[:, j:j + gs]).max(1) / qmax
+      s[s == 0] = 1
+    q = np.clip(np.round(W[:, j] / s), -qmax - 1, qmax) * s
+    err = (W[:, j] - q) / U[j, j]
+    W[:, j:] -= np.outer(err, U[j, j:])
+    out[:, j] = q
+  return out.T
+
+
+def _data(k=64, n=16, t=256, seed=0):
+  ks = jax.random.split(jax.random.key(seed), 4)
+  x = jax.random.normal(ks[0], (t, 8)) @ jax.random.normal(ks[1], (8, k))
+  x = x + 0.05 * jax.random.normal(ks[2], (t, k))
+  x = x.at[:, 5].set(0.0)  # a dead input column
+  w = jax.random.normal(ks[3], (k, n))
+  return x, w, 2 * x.T @ x / t
+
+
+@pytest.mark.parametrize("bits,gs", [(4, 16), (3, 64), (4, 64)])
+def test_matches_float64_reference(bits, gs):
+  x, w, h = _data()
+  q = gptq_quantize(w, h, bits=bits, group_size=gs, block_size=32)
+  ref = gptq_reference(w, h, bits, gs)
+  got = np.asarray(q.materialize(), np.float64)
+  same = np.isclose(got, ref, rtol=1e-4, atol=1e-5)
+  assert same.mean() > 0.98  # float32 vs float64 may flip a rare rounding
+  out = lambda v: np.linalg.norm(np.asarray(x, np.float64) @ v)
+  assert abs(out(got - np.asarray(w)) - out(ref - np.asarray(w))) < 0.02 * out(
+      ref - np.asarray(w))
+  assert np.all(got[5] == 0)  # dead column
+
+
+@pytest.mark.parametrize("kw", [dict(group_size=16), dict(),
+                                dict(group_size=16, act_order=True),
+                                dict(group_size=16, symmetric=False)])
+def test_lower_output_error_than_rtn(kw):
+  x, w, h = _data(k=128, n=32, seed=1)
+  q = gptq_quantize(w, h, bits=3, block_size=64, **kw)
+  q.validate()
+  r = quantize_array(w, 3, group_size=kw.get("group_size"),
+                     symmetric=kw.get("symmetric", True))
+  err = lambda a: float(jnp.linalg.norm(x @ (w - a.materialize())))
+  assert err(q) < 0.7 * err(r)
+
+
+def test_gptq_transform_from_captured_stats():
+  from flax import linen as nn
+  model = nn.Sequential([nn.Dense(64), nn.relu, nn.Dense(16)])
+  xs = [jax.random.normal(jax.random.key(i), (32, 32)) for i in range(3)]
+  v = model.init(jax.random.key(9), xs[0])
+  stats = capture(model, v, xs)
+  c = gptq(stats, 4, group_size=16).apply(v)
+  r = cj.quantize(v, 4, group_size=16)
+  x = jnp.concatenate(xs)
+  y = model.apply(v, x)
+  err = lambda t: float(jnp.linalg.norm(cj.run(model, t, x) - y))
+  assert isinstance(c["params"]["layers_0"]["kernel"], cj.QArray)
+  assert err(c) < err(r)
