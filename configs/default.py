@@ -61,8 +61,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.lowrank = ml_collections.ConfigDict()
   c.lowrank.rank_ratio = 0.5          # half the parameters of each kernel
 
+  # Calibration for GPTQ-style rows: random training windows.
+  c.calib = ml_collections.ConfigDict()
+  c.calib.batches = 16
+  c.calib.batch_size = 16
+
   # Rows of the table, in order: keys of experiments.compress_lm.METHODS.
   c.methods = ("float32,int8,int4_g128,unstructured_50,nm_2_4,lowrank,"
                "nm_2_4+int4,int3_g128,int2_g64,ternary,nf4,fp8_e4m3,mxfp4,"
-               "nvfp4,codebook3")
+               "nvfp4,codebook3,gptq_int4_g128,gptq_int3_g128")
   return c

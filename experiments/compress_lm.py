@@ -37,6 +37,8 @@ import numpy as np
 import optax
 
 import compressjax as cj
+from compressjax.calibrate import capture
+from compressjax.quantize.gptq import gptq
 from compressjax.core.rules import default_filter
 from compressjax.core.tree import leaves_with_paths
 from compressjax.data import stdlib_text
@@ -60,10 +62,16 @@ METRIC = "val_ppl"
 # Method registry
 # ---------------------------------------------------------------------------
 
-def method(build: Callable[[Config], cj.Transform],
-           description: str) -> Callable[[Config], cj.Transform]:
-  """Tags a transform builder with a description (formatted with c=config)."""
+def method(build: Callable[..., cj.Transform], description: str,
+           calibrated: bool = False) -> Callable[..., cj.Transform]:
+  """Tags a transform builder with a description (formatted with c=config).
+
+  A calibrated builder is called as build(c, stats) with the per-layer
+  calibration statistics (compressjax.calibrate.capture on training windows,
+  computed once per run); others as build(c).
+  """
   build.description = description
+  build.calibrated = calibrated
   return build
 
 
@@ -175,6 +183,19 @@ METHODS: dict[str, Callable[[Config], cj.Transform]] = {
         lambda c: T.quantize(format="nvfp4", rules=_head_rules(c)),
         "NVFP4: e2m1 elements, e4m3 scale per 16 inputs, f32 tensor "
         "scale{head}"),
+    # Calibrated algorithms (one-shot: every layer sees the float model's
+    # activations on config.calib.batches training windows).
+    "gptq_int4_g128": method(
+        lambda c, stats: gptq(stats, c.quant.bits,
+                              group_size=c.quant.group_size,
+                              rules=_head_rules(c)),
+        "GPTQ int{c.quant.bits}, groups of {c.quant.group_size}, one-shot "
+        "calibration{head}", calibrated=True),
+    "gptq_int3_g128": method(
+        lambda c, stats: gptq(stats, 3, group_size=c.quant.group_size,
+                              rules=_head_rules(c)),
+        "GPTQ int3, groups of {c.quant.group_size}, one-shot "
+        "calibration{head}", calibrated=True),
     "codebook3": method(
         lambda c: T.quantize(format="codebook3", group_size=c.quant.group_size,
                              rules=_head_rules(c)),
@@ -353,6 +374,15 @@ def evaluate(eval_step, tree, c: Config, val_data: np.ndarray
   return total / count, count
 
 
+def calibration_stats(c: Config, model, baseline: Any,
+                      train_data: np.ndarray) -> dict:
+  """Per-layer input statistics on training windows (not validation)."""
+  batches = stdlib_text.train_batches(train_data, c.data.seq_len,
+                                      c.calib.batch_size, seed=c.seed + 1)
+  inputs = (b[:, :-1] for b, _ in zip(batches, range(c.calib.batches)))
+  return capture(model, baseline, inputs)
+
+
 def unigram_ppl(train_data: np.ndarray, val_data: np.ndarray) -> float:
   """Perplexity of add-one byte frequencies of the training set: the bar a
   model must clear to have learned anything beyond byte counts."""
@@ -471,9 +501,17 @@ def run_experiment(config: Config, workdir: str,
   summary_root = os.path.join(workdir, "summaries")
   os.makedirs(ckpt_root, exist_ok=True)
   os.makedirs(summary_root, exist_ok=True)
+  calib = None
   for i, name in enumerate(names, 1):
+    build = METHODS[name]
+    if getattr(build, "calibrated", False) and calib is None:
+      t0 = time.time()
+      calib = calibration_stats(c, model, baseline, train_data)
+      log(f"calibration: {c.calib.batches} x {c.calib.batch_size} windows "
+          f"in {time.time() - t0:.1f}s")
     t0 = time.time()
-    transform = METHODS[name](c)
+    transform = (build(c, calib) if getattr(build, "calibrated", False)
+                 else build(c))
     compressed = jax.block_until_ready(transform.apply(baseline))
     compress_s = time.time() - t0
     t0 = time.time()

@@ -13,7 +13,9 @@ transposed) and H = (2/N) X^T X from calibration:
 Group scales are computed when a group starts, from the updated weights of
 that group (or up front from the original weights with `static_groups`, which
 act-order with groups implies, so groups stay contiguous in the stored QArray).
-The result is the same QArray as round-to-nearest produces.
+Any element format with an absmax scale works (int, fp8/fp6/fp4, NF4): the
+column rounding is the format's own. The result is the same QArray as
+round-to-nearest produces.
 """
 
 from __future__ import annotations
@@ -27,13 +29,14 @@ import numpy as np
 from compressjax.core.errors import CompressionError
 from compressjax.core.qarray import QArray
 from compressjax.formats.integer import IntFormat
+from compressjax.quantize.rtn import resolve_format
 from pallas_kernels import layout
 
 
-def _scale_zero(cols, fmt: IntFormat):
+def _scale_zero(cols, fmt):
   """Per-row scale (and zero) of a group of columns (N, g)."""
-  if fmt.symmetric:
-    s = jnp.max(jnp.abs(cols), axis=1) / fmt.qmax
+  if getattr(fmt, "symmetric", True):
+    s = jnp.max(jnp.abs(cols), axis=1) / fmt.max_value
     z = jnp.zeros_like(s)
   else:
     hi = jnp.maximum(cols.max(1), 0.)
@@ -46,7 +49,7 @@ def _scale_zero(cols, fmt: IntFormat):
 
 @functools.partial(jax.jit, static_argnames=(
     "fmt", "group_size", "block_size", "act_order", "static_groups"))
-def _gptq(w, h, *, fmt: IntFormat, group_size: int, block_size: int,
+def _gptq(w, h, *, fmt, group_size: int, block_size: int,
           damp: float, act_order: bool, static_groups: bool):
   n, k = w.shape
   dead = jnp.diag(h) == 0
@@ -98,7 +101,8 @@ def _gptq(w, h, *, fmt: IntFormat, group_size: int, block_size: int,
   return q_all, s_all, z_all
 
 
-def gptq_quantize(w, hessian, *, bits: int = 4, group_size: int | None = None,
+def gptq_quantize(w, hessian, *, bits: int = 4, format: str | None = None,
+                  group_size: int | None = None,
                   symmetric: bool = True, block_size: int = 128,
                   damp: float = 0.01, act_order: bool = False,
                   static_groups: bool = False, path: str = "<array>") -> QArray:
@@ -110,10 +114,11 @@ def gptq_quantize(w, hessian, *, bits: int = 4, group_size: int | None = None,
   if hessian.shape != (k, k):
     raise CompressionError(f"Hessian {hessian.shape} does not match "
                            f"in_features {k}", path)
-  try:
-    fmt = IntFormat(bits, symmetric)
-  except ValueError as e:
-    raise CompressionError(str(e), path) from None
+  fmt = resolve_format(dict(bits=bits, format=format, symmetric=symmetric),
+                       path)
+  if isinstance(fmt, str) or getattr(fmt, "scale_rule", "absmax") != "absmax":
+    raise CompressionError(f"GPTQ needs an element format with an absmax "
+                           f"scale (int, fp8/6/4, nf4), not {format}", path)
   gs = group_size or k
   if k % gs:
     raise CompressionError(f"group_size {gs} does not divide in_features {k}",
@@ -131,11 +136,12 @@ def gptq_quantize(w, hessian, *, bits: int = 4, group_size: int | None = None,
   stored = fmt.encode(q.T)
   codes = layout.pack(stored, fmt.bits, 0) if fmt.bits < 8 else stored
   return QArray(codes=codes, scale=s.astype(jnp.float32),
-                zero=None if symmetric else z.astype(jnp.uint8),
+                zero=None if getattr(fmt, "symmetric", True) else z.astype(
+                    jnp.uint8),
                 shape=(k, n), dtype=jnp.dtype(w.dtype).name, fmt=fmt, axis=0)
 
 
-def gptq(stats, bits: int = 4, *, group_size: int | None = None,
+def gptq(stats, bits: int = 4, *, format: str | None = None, group_size: int | None = None,
          symmetric: bool = True, block_size: int = 128, damp: float = 0.01,
          act_order: bool = False, static_groups: bool = False,
          rules=None, default=None):
@@ -156,7 +162,8 @@ def gptq(stats, bits: int = 4, *, group_size: int | None = None,
           f"group_size {cfg['group_size']} does not divide in_features "
           f"{w.shape[0]}", path)
 
-  base = dict(bits=bits, group_size=group_size, symmetric=symmetric,
+  base = dict(bits=bits, format=format, group_size=group_size,
+              symmetric=symmetric,
               block_size=block_size, damp=damp, act_order=act_order,
               static_groups=static_groups)
   return T.leaf_transform("gptq", base, leaf, check, rules,

@@ -84,3 +84,13 @@ def test_gptq_transform_from_captured_stats():
   err = lambda t: float(jnp.linalg.norm(cj.run(model, t, x) - y))
   assert isinstance(c["params"]["layers_0"]["kernel"], cj.QArray)
   assert err(c) < err(r)
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "fp4_e2m1", "fp8_e4m3"])
+def test_gptq_with_other_formats(fmt):
+  x, w, h = _data(k=128, n=32, seed=2)
+  q = gptq_quantize(w, h, format=fmt, group_size=32, block_size=64)
+  q.validate()
+  r = quantize_array(w, format=fmt, group_size=32)
+  err = lambda a: float(jnp.linalg.norm(x @ (w - a.materialize())))
+  assert err(q) < err(r)
