@@ -68,7 +68,8 @@ def test_nvfp4_matches_definition():
 
 
 @pytest.mark.parametrize("fmt", ["int3", "int2", "ternary", "binary", "nf4",
-                                 "fp8_e4m3", "fp4_e2m1", "mxfp4", "nvfp4"])
+                                 "fp8_e4m3", "fp6_e3m2", "fp4_e2m1", "mxfp4",
+                                 "mxint8", "nvfp4", "codebook3"])
 def test_every_format_through_transform_model_and_checkpoint(fmt, tmp_path):
   from flax import linen as nn
   model = nn.Sequential([nn.Dense(64), nn.relu, nn.Dense(32)])
@@ -82,3 +83,15 @@ def test_every_format_through_transform_model_and_checkpoint(fmt, tmp_path):
   r = cj.restore(tmp_path / fmt)
   for a, b in zip(jax.tree.leaves(r), jax.tree.leaves(c)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4", "nf4", "codebook2"])
+def test_formats_compose_with_sparsity_and_low_rank(fmt):
+  w = jax.random.normal(jax.random.key(5), (128, 32))
+  t = cj.transforms
+  for first in (t.sparsify(pattern="nm", n=2, m=4),
+                t.low_rank(rank=4, residual=True)):
+    c = cj.chain(first, t.quantize(format=fmt)).apply({"k": w})["k"]
+    c.validate()
+    assert c.bits_per_weight < 16
+    assert float(jnp.linalg.norm(w - c.materialize()) / jnp.linalg.norm(w)) < 0.8
