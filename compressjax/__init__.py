@@ -11,8 +11,9 @@
 
 from typing import Any
 
-from compressjax import transforms
-from compressjax.core import (CompressionError, LowRank, NMSparseArray, QArray,
+from compressjax import calibrate, formats, transforms
+from compressjax.core import (CodebookArray, CompressionError, LowRank,
+                              NMSparseArray, QArray,
                               Rule, SparseArray, TreeMismatchError, combine,
                               is_compressed, materialize_tree, partition_float)
 from compressjax.core.checkpoint import restore, save
@@ -41,7 +42,7 @@ def low_rank(params: Any, rank: int | None = None, **kw) -> Any:
 
 
 __all__ = [
-    "CompressionError", "IntFormat", "LowRank", "NMSparseArray", "QArray",
+    "CodebookArray", "CompressionError", "calibrate", "formats", "IntFormat", "LowRank", "NMSparseArray", "QArray",
     "Rule", "SparseArray", "Transform", "TreeMismatchError", "apply",
     "bits_per_weight", "chain", "combine", "compression_ratio",
     "is_compressed", "layer_report", "low_rank", "materialize_tree",
