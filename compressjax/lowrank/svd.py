@@ -74,7 +74,7 @@ def factorize(w, *, rank=None, rank_ratio=None, energy=None,
   m, n = matrix_shape(w.shape)
   x = w.astype(jnp.float32).reshape(m, n)
   u, s, vt = jnp.linalg.svd(x, full_matrices=False)
-  r = choose_rank(np.asarray(s), m, n, cfg, path)
+  r = choose_rank(s, m, n, cfg, path)  # host copy only for energy
   root = jnp.sqrt(s[:r])
   a = (u[:, :r] * root).astype(w.dtype)
   b = (root[:, None] * vt[:r]).astype(w.dtype)
