@@ -36,3 +36,16 @@ def quantized_matmul(x, codes, scale, zero=None, *, bits: int, k: int,
     acc = acc - xf.sum(-1)[..., None] * zero.astype(jnp.float32)[None]
   y = jnp.sum(acc * scale.astype(jnp.float32)[None], axis=1)
   return y.reshape(lead + (y.shape[-1],)).astype(out_dtype)
+
+
+def int8_matmul(xq, x_scale, wq, w_scale, *, out_dtype=jnp.float32):
+  """W8A8: int8 x int8 -> int32 accumulation, then both scales.
+
+  xq (..., K) int8 with per-token x_scale (..., 1); wq (K, N) int8 with
+  per-output-channel w_scale (1, N) or (N,): y = (xq @ wq) * x_scale * w_scale.
+  """
+  acc = jax.lax.dot_general(xq, wq, (((xq.ndim - 1,), (0,)), ((), ())),
+                            preferred_element_type=jnp.int32)
+  y = acc.astype(jnp.float32) * x_scale.astype(jnp.float32) * jnp.reshape(
+      w_scale, (-1,)).astype(jnp.float32)
+  return y.astype(out_dtype)

@@ -18,6 +18,7 @@ import numpy as np
 
 from compressjax.core.base import CompressedLeaf, array_nbytes, materialize
 from compressjax.core.codebook import CodebookArray
+from compressjax.core.input_transform import InputTransform
 from compressjax.core.lowrank import LowRank
 from compressjax.core.qarray import QArray
 from compressjax.core.sparse import NMSparseArray, SparseArray
@@ -63,6 +64,11 @@ def describe(leaf: Any) -> str:
     if leaf.residual is not None:
       s += f" + {describe(leaf.residual)}"
     return s
+  if isinstance(leaf, InputTransform):
+    parts = (["x*s"] if leaf.scale is not None else []) + (
+        [f"hadamard{leaf.block}"] if leaf.signs is not None else []) + (
+            [f"a:{leaf.act}"] if leaf.act else [])
+    return f"{describe(leaf.weight)} [{', '.join(parts)}]"
   return "dense"
 
 
@@ -72,6 +78,8 @@ def sparsity(leaf: Any) -> float:
     return leaf.sparsity
   if isinstance(leaf, LowRank) and leaf.residual is not None:
     return sparsity(leaf.residual)
+  if isinstance(leaf, InputTransform):
+    return sparsity(leaf.weight)
   return 0.0
 
 

@@ -25,6 +25,7 @@ from pallas_kernels import layout
 from compressjax.core.codebook import CodebookArray
 from compressjax.core.errors import CompressionError
 from compressjax.core.tree import INPUT_AXIS
+from compressjax.core.input_transform import InputTransform
 from compressjax.core.lowrank import LowRank
 from compressjax.core.qarray import QArray, apply_groups
 from compressjax.core.rules import Predicate, RuleLike, default_filter
@@ -187,6 +188,9 @@ def _quantize_leaf(path, leaf, cfg, state=None):
     return dataclasses.replace(
         leaf, a=_quantize_leaf(path + "/a", leaf.a, cfg),
         b=_quantize_leaf(path + "/b", leaf.b, cfg))
+  if isinstance(leaf, InputTransform):  # quantize the (transformed) weight
+    return dataclasses.replace(leaf, weight=_quantize_leaf(
+        path + "/weight", leaf.weight, cfg))
   cfg = dict(cfg)
   if cfg.get("key") is not None:  # one independent stream per param
     cfg["key"] = jax.random.fold_in(cfg["key"], zlib.crc32(path.encode()))
@@ -195,7 +199,7 @@ def _quantize_leaf(path, leaf, cfg, state=None):
 
 def _check(path, leaf, cfg):
   if isinstance(leaf, (SparseArray, NMSparseArray, LowRank, QArray,
-                       CodebookArray)):
+                       CodebookArray, InputTransform)):
     return  # checked on the float part it will quantize
   check_quant_config(path, leaf.shape, cfg)
 

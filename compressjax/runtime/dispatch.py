@@ -15,8 +15,10 @@ import jax
 import jax.numpy as jnp
 
 from compressjax.core.base import materialize
+from compressjax.core.input_transform import InputTransform
 from compressjax.core.lowrank import LowRank
 from compressjax.core.qarray import QArray
+from compressjax.formats import activations
 from pallas_kernels import reference
 
 DotRule = Callable[..., Any]
@@ -86,5 +88,33 @@ def _lowrank_dot(x, leaf: LowRank, dims, out_dtype):
   return y.astype(out_dtype)
 
 
+def _is_w8(leaf) -> bool:
+  """int8 symmetric QArray with one scale per output channel."""
+  return (isinstance(leaf, QArray) and leaf.axis == 0 and leaf.ndim == 2
+          and getattr(leaf.fmt, "kind", None) == "int"
+          and leaf.fmt.bits == 8 and leaf.fmt.offset == 0
+          and leaf.zero is None and not isinstance(leaf.scale, QArray)
+          and leaf.scale is not None and leaf.scale.shape[0] == 1)
+
+
+def _input_transform_dot(x, leaf: InputTransform, dims, out_dtype):
+  """Transforms x (scale, rotation, per-token quantization), then multiplies
+  by the inner weight through this same dispatch (so a QArray weight keeps its
+  fast path); int8 x int8 with int32 accumulation when both are int8."""
+  if not _is_matmul(x, leaf, dims):
+    return None  # materialized: exact weight, no activation quantizer
+  xt = leaf.transform_input(x)
+  if leaf.act is not None:
+    xq = activations.quantize_per_token(xt, leaf.act)
+    if leaf.act == "int8" and _is_w8(leaf.weight):
+      return reference.int8_matmul(xq.codes, xq.scale, leaf.weight.codes,
+                                   leaf.weight.scale, out_dtype=out_dtype)
+    xt = xq.materialize()
+  y = dot_general(xt, leaf.weight, dims, lhs_leaf=False, dtype=jnp.float32,
+                  preferred_element_type=jnp.float32)
+  return y.astype(out_dtype)
+
+
 register_dot_rule(QArray, _qarray_dot)
+register_dot_rule(InputTransform, _input_transform_dot)
 register_dot_rule(LowRank, _lowrank_dot)
