@@ -44,8 +44,13 @@ def block_shape(shape, pattern: str, block=None, channel_axis=None):
   return tuple(1 if d == ax else s for d, s in enumerate(shape))
 
 
-def keep_mask_from_scores(scores, n_prune: int):
-  """Boolean keep mask removing the n_prune lowest scores (stable ties)."""
+def keep_mask_from_scores(scores, n_prune: int, axis: int | None = None):
+  """Boolean keep mask removing the n_prune lowest scores (stable ties):
+  over the whole array, or in every slice along `axis` (e.g. per output)."""
+  if axis is not None:
+    order = jnp.argsort(scores, axis=axis, stable=True)
+    rank = jnp.argsort(order, axis=axis)  # position of each score in order
+    return rank >= n_prune
   flat = scores.reshape(-1)
   order = jnp.argsort(flat, stable=True)
   keep = jnp.ones(flat.shape, bool).at[order[:n_prune]].set(False)
@@ -58,13 +63,16 @@ def block_scores(w, block):
   return jnp.sqrt(jnp.sum(b * b, axis=tuple(range(nd, 2 * nd))))
 
 
-def sparse_from_mask(w, keep_blocks, block, pattern: str) -> SparseArray:
-  """Builds a SparseArray from dense w and a boolean mask over the block grid."""
+def sparse_from_mask(w, keep_blocks, block, pattern: str,
+                     kept: int | None = None) -> SparseArray:
+  """Builds a SparseArray from dense w and a boolean mask over the block grid
+  (traceable under jit when the number of `kept` blocks is given)."""
   w = jnp.asarray(w)
   bsz = math.prod(block)
   flat_keep = keep_blocks.reshape(-1)
   blocks = dense_to_blocks(w, block).reshape(-1, bsz)
-  kept = int(np.asarray(flat_keep).sum())
+  if kept is None:
+    kept = int(np.asarray(flat_keep).sum())
   idx = jnp.nonzero(flat_keep, size=kept)[0]
   values = blocks[idx].reshape(-1)
   return SparseArray(values=values, mask=layout.pack(flat_keep, 1, 0),
@@ -72,13 +80,20 @@ def sparse_from_mask(w, keep_blocks, block, pattern: str) -> SparseArray:
                      block=tuple(block), pattern=pattern)
 
 
-def nm_sparsify(w, n: int, m: int, axis: int | None = None) -> NMSparseArray:
-  """Keeps the n largest-|w| of every m consecutive elements along `axis`."""
+def nm_sparsify(w, n: int, m: int, axis: int | None = None,
+                scores=None) -> NMSparseArray:
+  """Keeps the n largest-|w| of every m consecutive elements along `axis`
+  (or the n largest `scores`, an array shaped like w: Wanda, a given mask)."""
   w = jnp.asarray(w)
   axis = INPUT_AXIS if axis is None else axis % w.ndim
   x = jnp.moveaxis(w, axis, -1)
   runs = x.reshape(x.shape[:-1] + (x.shape[-1] // m, m))
-  order = jnp.argsort(-jnp.abs(runs.astype(jnp.float32)), axis=-1, stable=True)
+  if scores is None:
+    score_runs = jnp.abs(runs.astype(jnp.float32))
+  else:
+    sc = jnp.moveaxis(jnp.asarray(scores, jnp.float32), axis, -1)
+    score_runs = sc.reshape(runs.shape)
+  order = jnp.argsort(-score_runs, axis=-1, stable=True)
   pos = jnp.sort(order[..., :n], axis=-1)  # keep in-run order
   vals = jnp.take_along_axis(runs, pos, axis=-1)
   vals = jnp.moveaxis(vals.reshape(x.shape[:-1] + (-1,)), -1, axis)

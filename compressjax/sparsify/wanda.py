@@ -1,0 +1,102 @@
+"""Wanda (Sun et al. 2023, "A Simple and Effective Pruning Approach for Large
+Language Models", Sec. 3).
+
+Score of weight W_ij (input i, output j of a Flax kernel) is
+  S_ij = |W_ij| * ||X_i||_2,
+with ||X_i||_2 the L2 norm of input feature i over all calibration tokens
+(`LayerStats.norm`). Weights are compared per output (Eq. 2: within each output
+neuron's incoming weights, i.e. down a kernel column) and the lowest
+round(p * K_in) of every output are removed; N:M keeps the N highest scores in
+each run of M consecutive inputs. There is no weight update, so this is
+magnitude pruning with another score: the masks go through the same
+`keep_mask_from_scores` / `nm_sparsify` / `sparse_from_mask` machinery.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from compressjax.core.base import CompressedLeaf
+from compressjax.core.errors import CompressionError
+from compressjax.sparsify.magnitude import (check_sparse_config,
+                                            keep_mask_from_scores, nm_sparsify,
+                                            sparse_from_mask)
+
+
+def wanda_scores(w, norm):
+  """|W_ij| * ||X_i||_2 for a kernel w (K_in, ...) and norms (K_in,)."""
+  w = jnp.asarray(w, jnp.float32)
+  norm = jnp.asarray(norm, jnp.float32).reshape((-1,) + (1,) * (w.ndim - 1))
+  return jnp.abs(w) * norm
+
+
+def _check(path, shape, norm_shape, cfg):
+  if len(shape) < 2:
+    raise CompressionError("Wanda needs a kernel of rank >= 2 with the input "
+                           "axis first", path)
+  pattern = cfg.get("pattern", "unstructured")
+  if pattern not in ("unstructured", "nm"):
+    raise CompressionError(f"Wanda supports pattern 'unstructured' or 'nm', "
+                           f"not {pattern!r}; use sparsify(...) for block or "
+                           "channel patterns", path)
+  check_sparse_config(path, shape, dict(cfg, axis=0))
+  if norm_shape is not None and tuple(norm_shape) != (shape[0],):
+    raise CompressionError(f"input norms {tuple(norm_shape)} do not match "
+                           f"in_features {shape[0]}", path)
+
+
+def wanda_prune(w, norm, *, sparsity: float = 0.5,
+                pattern: str = "unstructured", n: int = 2, m: int = 4,
+                path: str = "<array>"):
+  """Wanda of a Flax kernel w (K_in, ...) given per-input norms (K_in,).
+
+  Returns a SparseArray (unstructured: exactly round(sparsity * K_in) pruned
+  per output) or an NMSparseArray (N of every M along the input axis).
+  """
+  w = jnp.asarray(w)
+  _check(path, w.shape, jnp.shape(norm),
+         dict(sparsity=sparsity, pattern=pattern, n=n, m=m))
+  k = w.shape[0]
+  n_prune = round(sparsity * k)
+  return _wanda(w, norm, nm=pattern == "nm", n=n, m=m, n_prune=n_prune,
+                kept=(k - n_prune) * (w.size // k))
+
+
+@functools.partial(jax.jit, static_argnames=("nm", "n", "m", "n_prune",
+                                             "kept"))
+def _wanda(w, norm, *, nm, n, m, n_prune, kept):
+  scores = wanda_scores(w, norm)
+  if nm:
+    return nm_sparsify(w, n, m, 0, scores=scores)
+  keep = keep_mask_from_scores(scores.reshape(w.shape[0], -1), n_prune,
+                               axis=0)  # per output: compare across inputs
+  return sparse_from_mask(w, keep.reshape(w.shape), (1,) * w.ndim,
+                          "unstructured", kept=kept)
+
+
+def wanda(stats, sparsity: float = 0.5, *, pattern: str = "unstructured",
+          n: int = 2, m: int = 4, rules=None, default=None):
+  """Wanda transform over a tree, given `compressjax.calibrate.capture` stats
+  (the input-feature norms of every selected param)."""
+  from compressjax import transform as T
+  from compressjax.core.rules import default_filter
+
+  def check(path, w, cfg):
+    if isinstance(w, CompressedLeaf):
+      raise CompressionError(
+          f"Wanda needs a float kernel, not a {type(w).__name__}; apply it "
+          "first (chain(wanda(...), quantize(...)))", path)
+    _check(path, w.shape, None, cfg)
+    if path not in stats:
+      raise CompressionError("no calibration statistics for this param; "
+                             "capture with the same rules", path)
+
+  def leaf(path, w, cfg, state):
+    return wanda_prune(w, stats[path].norm, path=path, **cfg)
+
+  base = dict(sparsity=sparsity, pattern=pattern, n=n, m=m)
+  return T.leaf_transform("wanda", base, leaf, check, rules,
+                          default or default_filter)
