@@ -24,6 +24,7 @@ import numpy as np
 from compressjax.core.base import CompressedLeaf, materialize
 from compressjax.core.errors import TreeMismatchError
 from compressjax.core.tree import is_compressed, leaves_with_paths
+from compressjax.core.input_transform import InputTransform
 from compressjax.runtime import dispatch
 
 _INLINE = {"pjit", "jit", "closed_call", "core_call"}
@@ -74,7 +75,14 @@ def _lazy_eqn(eqn, invals):
       p = dict(eqn.params)
       dims = p.pop("dimension_numbers")
       if lazy.observer is not None and lazy is rhs:
-        lazy.observer(lazy.path, lhs, dims)
+        # Observers see the input the stored weight multiplies: for an
+        # InputTransform, x after its scale/rotation (calibrating a rotated
+        # or smoothed model).
+        x = lhs
+        if isinstance(lazy.leaf, InputTransform) and dims[0][0] == (
+            lhs.ndim - 1,):
+          x = lazy.leaf.transform_input(lhs)
+        lazy.observer(lazy.path, x, dims)
       return dispatch.dot_general(
           lhs.leaf if lazy is lhs else lhs, rhs.leaf if lazy is rhs else rhs,
           dims, lhs_leaf=lazy is lhs, dtype=lazy.dtype, **p)

@@ -85,3 +85,15 @@ def test_validate_errors():
     leaf(W, act="int4")
   with pytest.raises(cj.CompressionError, match="scale has shape"):
     leaf(W, scale=jnp.ones((K + 1,)))
+
+
+def test_capture_sees_transformed_input():
+  # calibration of a smoothed/rotated model: stats of the input the stored
+  # weight multiplies, i.e. of x * scale rotated
+  from compressjax.calibrate import capture
+  t = leaf(W, scale=1 / S, signs=SIGNS, block=64)
+  fn = lambda p, x: x @ p["w"]
+  stats = capture(fn, {"w": t}, [X], default=lambda p, x: True)
+  xt = np.asarray(t.transform_input(X)).reshape(-1, K)
+  np.testing.assert_allclose(stats["w"].gram, xt.T @ xt, rtol=1e-4,
+                             atol=1e-4)
