@@ -1,0 +1,86 @@
+"""Sequential (block-by-block) calibration against a hand-built sequence."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+import compressjax as cj
+from compressjax.calibrate import (block_prefix, capture, execution_order,
+                                   one_shot, sequential, stages_of)
+from compressjax.core.rules import default_filter
+from compressjax.models import transformer
+from compressjax.quantize.gptq import gptq, gptq_quantize
+
+
+class MLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    for i in range(3):
+      x = nn.tanh(nn.Dense(32, name=f"layer_{i}")(x))
+    return nn.Dense(8, name="head")(x)
+
+
+X = jax.random.normal(jax.random.key(0), (64, 32)) @ jax.random.normal(
+    jax.random.key(1), (32, 32))
+BATCHES = [X[:32], X[32:]]
+MODEL = MLP()
+PARAMS = MODEL.init(jax.random.key(2), X)
+BUILD = lambda s: gptq(s, 3)
+
+
+def test_stages_follow_execution_order():
+  cfg = transformer.TransformerConfig(vocab_size=256, d_model=32, n_layers=2,
+                                      n_heads=2, d_mlp=64, seq_len=16)
+  model = transformer.TransformerLM(cfg)
+  v = model.init(jax.random.key(0), jnp.zeros((1, 16), jnp.int32))
+  sel = [p for p, x in cj.core.leaves_with_paths(v) if default_filter(p, x)]
+  order = execution_order(model, v, jnp.zeros((2, 16), jnp.int32), sel)
+  assert sorted(order) == sorted(sel)
+  assert order[0].startswith("params/block_0/attn/")
+  assert order[-1] == "params/head/kernel"
+  groups = stages_of(order)
+  assert [g for g, _ in groups] == ["params/block_0", "params/block_1",
+                                    "params/head"]
+  assert block_prefix("params/layers/3/mlp/kernel") == "params/layers/3"
+
+
+def test_sequential_equals_hand_built_sequence():
+  out = sequential(MODEL, PARAMS, BATCHES, BUILD, progress=False)
+  # by hand: quantize layer i with the Hessian of the inputs produced by the
+  # already-quantized layers before it
+  p = PARAMS["params"]
+  h = X
+  for name in ["layer_0", "layer_1", "layer_2", "head"]:
+    hess = 2 * h.T @ h / h.shape[0]
+    q = gptq_quantize(p[name]["kernel"], hess, bits=3)
+    np.testing.assert_array_equal(out["params"][name]["kernel"].codes,
+                                  q.codes, err_msg=name)
+    np.testing.assert_allclose(out["params"][name]["kernel"].scale, q.scale,
+                               rtol=1e-6)
+    h = jnp.tanh(h @ q.materialize() + p[name]["bias"])
+  # one-shot calibrates on float inputs, so later layers differ
+  shot = one_shot(MODEL, PARAMS, BATCHES, BUILD)
+  assert not np.array_equal(shot["params"]["layer_2"]["kernel"].codes,
+                            out["params"]["layer_2"]["kernel"].codes)
+  np.testing.assert_array_equal(shot["params"]["layer_0"]["kernel"].codes,
+                                out["params"]["layer_0"]["kernel"].codes)
+  # the untouched params are carried over
+  np.testing.assert_array_equal(out["params"]["head"]["bias"],
+                                p["head"]["bias"])
+
+
+def test_custom_stages_and_progress():
+  msgs = []
+  out = sequential(MODEL, PARAMS, BATCHES, BUILD,
+                   stages=["params/layer_0", "params/layer_1",
+                           "params/layer_2", "params/head"],
+                   progress=msgs.append)
+  assert len(msgs) == 4 and msgs[0].startswith("stage 1/4 params/layer_0")
+  with pytest.raises(cj.CompressionError, match="none of the stage prefixes"):
+    sequential(MODEL, PARAMS, BATCHES, BUILD, stages=["params/layer_0"],
+               progress=False)
+  with pytest.raises(cj.CompressionError, match="no batches"):
+    sequential(MODEL, PARAMS, [], BUILD)
+  assert cj.bits_per_weight(out) < 32
