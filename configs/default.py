@@ -60,6 +60,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.lowrank = ml_collections.ConfigDict()
   c.lowrank.rank_ratio = 0.5          # half the parameters of each kernel
+  c.lowrank.residual_rank_ratio = 0.125  # low-rank + quantized residual row
 
   # Calibration for GPTQ-style rows: random training windows.
   c.calib = ml_collections.ConfigDict()
@@ -69,5 +70,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Rows of the table, in order: keys of experiments.compress_lm.METHODS.
   c.methods = ("float32,int8,int4_g128,unstructured_50,nm_2_4,lowrank,"
                "nm_2_4+int4,int3_g128,int2_g64,ternary,nf4,fp8_e4m3,mxfp4,"
-               "nvfp4,codebook3,gptq_int4_g128,gptq_int3_g128")
+               "nvfp4,codebook3,gptq_int4_g128,gptq_int3_g128,"
+               "gptq_int3_g128_seq,sparsegpt_50,sparsegpt_2_4,"
+               "sparsegpt_2_4+int4,wanda_50,wanda_2_4,asvd,svd_llm,"
+               "svd_llm+int4_res")
   return c

@@ -37,7 +37,7 @@ import numpy as np
 import optax
 
 import compressjax as cj
-from compressjax.calibrate import capture
+from compressjax.calibrate import capture, sequential
 from compressjax.quantize.gptq import gptq
 from compressjax.core.rules import default_filter
 from compressjax.core.tree import leaves_with_paths
@@ -63,15 +63,20 @@ METRIC = "val_ppl"
 # ---------------------------------------------------------------------------
 
 def method(build: Callable[..., cj.Transform], description: str,
-           calibrated: bool = False) -> Callable[..., cj.Transform]:
+           calibrated: bool = False, sequential: bool = False
+           ) -> Callable[..., cj.Transform]:
   """Tags a transform builder with a description (formatted with c=config).
 
   A calibrated builder is called as build(c, stats) with the per-layer
   calibration statistics (compressjax.calibrate.capture on training windows,
-  computed once per run); others as build(c).
+  computed once per run: one-shot); with sequential=True the same builder is
+  run block by block by compressjax.calibrate.sequential, each block
+  calibrated on the outputs of the compressed blocks before it. Others are
+  called as build(c).
   """
   build.description = description
-  build.calibrated = calibrated
+  build.calibrated = calibrated or sequential
+  build.sequential = sequential
   return build
 
 
@@ -196,6 +201,56 @@ METHODS: dict[str, Callable[[Config], cj.Transform]] = {
                               rules=_head_rules(c)),
         "GPTQ int3, groups of {c.quant.group_size}, one-shot "
         "calibration{head}", calibrated=True),
+    "gptq_int3_g128_seq": method(
+        lambda c, stats: gptq(stats, 3, group_size=c.quant.group_size,
+                              rules=_head_rules(c)),
+        "GPTQ int3, groups of {c.quant.group_size}, sequential: each block "
+        "calibrated on the compressed blocks before it{head}",
+        sequential=True),
+    "sparsegpt_50": method(
+        lambda c, stats: T.sparsegpt(stats, c.sparsity.fraction,
+                                     rules=_sparse_rules(c)),
+        "SparseGPT {c.sparsity.fraction:.0%} unstructured (OBS update, mask "
+        "per 128 columns), one-shot{sparse_head}", calibrated=True),
+    "sparsegpt_2_4": method(
+        lambda c, stats: T.sparsegpt(stats, pattern="nm", n=c.sparsity.n,
+                                     m=c.sparsity.m, rules=_sparse_rules(c)),
+        "SparseGPT {c.sparsity.n}:{c.sparsity.m}, one-shot{sparse_head}",
+        calibrated=True),
+    "sparsegpt_2_4+int4": method(
+        lambda c, stats: T.sparsegpt(
+            stats, pattern="nm", n=c.sparsity.n, m=c.sparsity.m,
+            bits=c.quant.bits, group_size=_nm_group(c),
+            rules=_sparse_rules(c)),
+        "SparseGPT {c.sparsity.n}:{c.sparsity.m} with joint int{c.quant.bits} "
+        "quantization in the same pass, groups of {nm_group} kept "
+        "values{sparse_head}", calibrated=True),
+    "wanda_50": method(
+        lambda c, stats: T.wanda(stats, c.sparsity.fraction,
+                                 rules=_sparse_rules(c)),
+        "Wanda {c.sparsity.fraction:.0%} unstructured, |W|*||X|| per output, "
+        "no update{sparse_head}", calibrated=True),
+    "wanda_2_4": method(
+        lambda c, stats: T.wanda(stats, pattern="nm", n=c.sparsity.n,
+                                 m=c.sparsity.m, rules=_sparse_rules(c)),
+        "Wanda {c.sparsity.n}:{c.sparsity.m}{sparse_head}", calibrated=True),
+    "asvd": method(
+        lambda c, stats: T.asvd(stats, rank_ratio=c.lowrank.rank_ratio),
+        "ASVD (mean|x|^0.5 input scaling), rank ratio "
+        "{c.lowrank.rank_ratio}", calibrated=True),
+    "svd_llm": method(
+        lambda c, stats: T.svd_llm(stats, rank_ratio=c.lowrank.rank_ratio),
+        "SVD-LLM (Cholesky whitening of X^T X), rank ratio "
+        "{c.lowrank.rank_ratio}", calibrated=True),
+    "svd_llm+int4_res": method(
+        lambda c, stats: cj.chain(
+            T.svd_llm(stats, rank_ratio=c.lowrank.residual_rank_ratio,
+                      residual=True),
+            T.quantize(c.quant.bits, group_size=c.quant.group_size,
+                       rules=_head_rules(c))),
+        "SVD-LLM rank ratio {c.lowrank.residual_rank_ratio} (float factors) "
+        "plus the residual in int{c.quant.bits} RTN, groups of "
+        "{c.quant.group_size}{head}", calibrated=True),
     "codebook3": method(
         lambda c: T.quantize(format="codebook3", group_size=c.quant.group_size,
                              rules=_head_rules(c)),
@@ -374,13 +429,17 @@ def evaluate(eval_step, tree, c: Config, val_data: np.ndarray
   return total / count, count
 
 
+def calibration_batches(c: Config, train_data: np.ndarray) -> list:
+  """Model inputs of random training windows (never validation)."""
+  batches = stdlib_text.train_batches(train_data, c.data.seq_len,
+                                      c.calib.batch_size, seed=c.seed + 1)
+  return [b[:, :-1] for b, _ in zip(batches, range(c.calib.batches))]
+
+
 def calibration_stats(c: Config, model, baseline: Any,
                       train_data: np.ndarray) -> dict:
   """Per-layer input statistics on training windows (not validation)."""
-  batches = stdlib_text.train_batches(train_data, c.data.seq_len,
-                                      c.calib.batch_size, seed=c.seed + 1)
-  inputs = (b[:, :-1] for b, _ in zip(batches, range(c.calib.batches)))
-  return capture(model, baseline, inputs)
+  return capture(model, baseline, calibration_batches(c, train_data))
 
 
 def unigram_ppl(train_data: np.ndarray, val_data: np.ndarray) -> float:
@@ -510,9 +569,15 @@ def run_experiment(config: Config, workdir: str,
       log(f"calibration: {c.calib.batches} x {c.calib.batch_size} windows "
           f"in {time.time() - t0:.1f}s")
     t0 = time.time()
-    transform = (build(c, calib) if getattr(build, "calibrated", False)
-                 else build(c))
-    compressed = jax.block_until_ready(transform.apply(baseline))
+    if getattr(build, "sequential", False):
+      compressed = sequential(
+          model, baseline, calibration_batches(c, train_data),
+          lambda stats: build(c, stats), progress=log)
+    else:
+      transform = (build(c, calib) if getattr(build, "calibrated", False)
+                   else build(c))
+      compressed = transform.apply(baseline)
+    compressed = jax.block_until_ready(compressed)
     compress_s = time.time() - t0
     t0 = time.time()
     loss, n_bytes = evaluate(eval_step, compressed, c, val_data)
