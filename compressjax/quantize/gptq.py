@@ -10,6 +10,9 @@ transposed) and H = (2/N) X^T X from calibration:
   for each block of B columns, for each column j of it:
       q_j = quant(w_j); e = (w_j - q_j) / U_jj; W[:, j:block end] -= e U[j, j:]
   then one lazy update of the later columns: W[:, later] -= E U[block, later].
+Inside a block the rank-1 updates run on slabs of 16 columns, with one matmul
+per slab for the rest of the block (the same arithmetic, regrouped), and U
+comes from one Cholesky plus a triangular inverse (`core/linalg.py`).
 Group scales are computed when a group starts, from the updated weights of
 that group (or up front from the original weights with `static_groups`, which
 act-order with groups implies, so groups stay contiguous in the stored QArray).
@@ -27,10 +30,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from compressjax.core.errors import CompressionError
+from compressjax.core.linalg import hinv_upper
 from compressjax.core.qarray import QArray
 from compressjax.formats.integer import IntFormat
 from compressjax.quantize.rtn import resolve_format
 from pallas_kernels import layout
+
+_HI = jax.lax.Precision.HIGHEST
 
 
 def _scale_zero(cols, fmt):
@@ -47,58 +53,86 @@ def _scale_zero(cols, fmt):
   return jnp.where(s > 0, s, 1.0), z
 
 
+_SLAB = 16  # columns per rank-1 slab: the per-column update stays in cache
+
+
 @functools.partial(jax.jit, static_argnames=(
     "fmt", "group_size", "block_size", "act_order", "static_groups"))
 def _gptq(w, h, *, fmt, group_size: int, block_size: int,
           damp: float, act_order: bool, static_groups: bool):
-  n, k = w.shape
+  """w: the Flax kernel (K, N) in float32, so GPTQ's column j is row j here
+  (contiguous). Returns (q (K, N) code values, scales (G, N), zeros (G, N))."""
+  k, n = w.shape
   dead = jnp.diag(h) == 0
   h = h + jnp.diag(dead.astype(h.dtype))
-  w = jnp.where(dead[None, :], 0.0, w)
+  w = jnp.where(dead[:, None], 0.0, w)
   perm = jnp.argsort(-jnp.diag(h), stable=True) if act_order else jnp.arange(k)
-  w, h = w[:, perm], h[perm][:, perm]
+  w_orig = w
+  w, h = w[perm], h[perm][:, perm]
   h = h + damp * jnp.mean(jnp.diag(h)) * jnp.eye(k)
-  l = jnp.linalg.cholesky(h)
-  hinv = jax.scipy.linalg.cho_solve((l, True), jnp.eye(k))
-  u = jnp.linalg.cholesky(hinv).T  # upper: hinv = u^T u
+  u = hinv_upper(h)
+  ut = u.T  # lazy updates read contiguous rows
   g = k // group_size
-  w_orig = w[:, jnp.argsort(perm)]
   if static_groups:
-    s_all, z_all = jax.vmap(lambda c: _scale_zero(c, fmt), in_axes=1,
-                            out_axes=0)(w_orig.reshape(n, g, group_size))
+    s_all, z_all = jax.vmap(lambda c: _scale_zero(c.T, fmt))(
+        w_orig.reshape(g, group_size, n))
   else:
     s_all = jnp.ones((g, n)); z_all = jnp.zeros((g, n))
-  q_all = jnp.zeros((n, k))
+  qs = []
   for i1 in range(0, k, block_size):
     i2 = min(i1 + block_size, k)
+    nb = i2 - i1
     u1 = u[i1:i2, i1:i2]
+    d1 = jnp.diag(u1)
+    sb = next(d for d in range(min(_SLAB, nb), 0, -1)
+              if nb % d == 0 and group_size % d == 0)
+    rows = jnp.arange(sb)
 
-    def col(j, carry):
-      w1, q1, e1, s_all, z_all = carry
-      c = i1 + j
-      grp = perm[c] // group_size
+    def slab_step(t, carry, i1=i1, nb=nb, sb=sb, u1=u1, d1=d1, rows=rows):
+      w1, q1, s_all, z_all = carry
+      s0 = t * sb
       if not static_groups:  # a group starts here: scales from updated W
-        cols = jax.lax.dynamic_slice_in_dim(w1, j, group_size, axis=1)
-        s_new, z_new = _scale_zero(cols, fmt)
-        start = c % group_size == 0
+        grp = (i1 + s0) // group_size
+        cols = jax.lax.dynamic_slice_in_dim(w1, s0, min(group_size, nb), 0)
+        s_new, z_new = _scale_zero(cols.T, fmt)
+        start = (i1 + s0) % group_size == 0
         s_all = jnp.where(start, s_all.at[grp].set(s_new), s_all)
         z_all = jnp.where(start, z_all.at[grp].set(z_new), z_all)
-      s, z = s_all[grp], z_all[grp]
-      wj = w1[:, j]
-      q = fmt.round(wj / s + z)
-      err = (wj - (q - z) * s) / u1[j, j]
-      mask = (jnp.arange(i2 - i1) > j).astype(w1.dtype)
-      w1 = w1 - err[:, None] * (u1[j] * mask)[None, :]
-      return (w1, q1.at[:, j].set(q), e1.at[:, j].set(err), s_all, z_all)
+      us = jax.lax.dynamic_slice(u1, (s0, s0), (sb, sb))
+      ds = jax.lax.dynamic_slice_in_dim(d1, s0, sb)
 
-    init = (w[:, i1:i2], jnp.zeros((n, i2 - i1)), jnp.zeros((n, i2 - i1)),
-            s_all, z_all)
-    _, q1, e1, s_all, z_all = jax.lax.fori_loop(0, i2 - i1, col, init)
-    q_all = q_all.at[:, i1:i2].set(q1)
-    w = w.at[:, i2:].add(-jnp.matmul(e1, u[i1:i2, i2:],
-                                     precision=jax.lax.Precision.HIGHEST))
-  q_all = q_all[:, jnp.argsort(perm)]
-  return q_all, s_all, z_all
+      def column(j, c):
+        slab, q, e = c
+        gi = perm[i1 + s0 + j] // group_size
+        sc, zc = s_all[gi], z_all[gi]
+        wj = slab[j]
+        code = fmt.round(wj / sc + zc)
+        err = (wj - (code - zc) * sc) / ds[j]
+        slab = slab - (us[j] * (rows > j))[:, None] * err[None, :]
+        return slab, q.at[j].set(code), e.at[j].set(err)
+
+      init = (jax.lax.dynamic_slice_in_dim(w1, s0, sb, 0),
+              jnp.zeros((sb, n)), jnp.zeros((sb, n)))
+      _, q, e = jax.lax.fori_loop(0, sb, column, init)
+      # the block's later columns get this slab's errors in one matmul
+      ur = jax.lax.dynamic_slice_in_dim(u1, s0, sb, 0)
+      ur = ur * (jnp.arange(nb) >= s0 + sb)[None, :]
+      w1 = w1 - jnp.matmul(ur.T, e, precision=_HI)
+      return (w1, jax.lax.dynamic_update_slice_in_dim(q1, q, s0, 0),
+              s_all, z_all), e
+
+    def body(t, carry):
+      (w1, q1, s_all, z_all), e1 = carry
+      out, e = slab_step(t, (w1, q1, s_all, z_all))
+      return out, jax.lax.dynamic_update_slice_in_dim(e1, e, t * sb, 0)
+
+    init = ((w[i1:i2], jnp.zeros((nb, n)), s_all, z_all), jnp.zeros((nb, n)))
+    (_, q1, s_all, z_all), e1 = jax.lax.fori_loop(0, nb // sb, body, init)
+    if i2 < k:  # lazy update of all later columns by this block's errors
+      w = w.at[i2:].add(-jnp.matmul(ut[i2:, i1:i2], e1, precision=_HI))
+    qs.append(q1)
+  q = jnp.concatenate(qs, 0)[jnp.argsort(perm)]
+  return q, s_all, z_all
 
 
 def gptq_quantize(w, hessian, *, bits: int = 4, format: str | None = None,
@@ -129,11 +163,11 @@ def gptq_quantize(w, hessian, *, bits: int = 4, format: str | None = None,
   # Per channel (no groups), the scales come from the whole original W, as in
   # the reference implementation; act-order with groups implies static groups.
   static = static_groups or act_order or group_size is None
-  q, s, z = _gptq(jnp.asarray(w, jnp.float32).T,
+  q, s, z = _gptq(jnp.asarray(w, jnp.float32),
                   jnp.asarray(hessian, jnp.float32), fmt=fmt, group_size=gs,
                   block_size=bs, damp=float(damp), act_order=act_order,
                   static_groups=static)
-  stored = fmt.encode(q.T)
+  stored = fmt.encode(q)
   codes = layout.pack(stored, fmt.bits, 0) if fmt.bits < 8 else stored
   return QArray(codes=codes, scale=s.astype(jnp.float32),
                 zero=None if getattr(fmt, "symmetric", True) else z.astype(
