@@ -117,10 +117,18 @@ def test_default_methods_fit_default_model():
   for p in ("params/block_0/attn/query/kernel", "params/block_0/mlp/fc1/kernel",
             "params/head/kernel", "params/embed/embedding"):
     assert p in paths
+  # calibrated rows: well-formed stand-in statistics for every kernel
+  from compressjax.calibrate import LayerStats
+  stats = {}
+  for p, x in cj.core.leaves_with_paths(variables):
+    if len(x.shape) == 2:
+      k = x.shape[0]
+      stats[p] = LayerStats(gram=jnp.eye(k), abs_sum=jnp.ones(k),
+                            sq_sum=jnp.ones(k), abs_max=jnp.ones(k),
+                            count=jnp.asarray(1.0))
   for name in compress_lm.parse_methods(c.methods):
     build = compress_lm.METHODS[name]
-    # init checks configs only; calibrated rows need their stats at update
-    t = build(c, {}) if getattr(build, "calibrated", False) else build(c)
+    t = build(c, stats) if getattr(build, "calibrated", False) else build(c)
     t.init(variables)  # raises on a bad config
 
 
