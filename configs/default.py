@@ -51,6 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.quant.group_size = 128
   c.quant.head_bits = 8               # low-bit rows: head at 8 bits (0: off)
   c.quant.small_group_size = 64       # int2 and NF4 rows (NF4's block is 64)
+  c.quant.smooth_alpha = 0.5          # SmoothQuant migration strength
 
   c.sparsity = ml_collections.ConfigDict()
   c.sparsity.fraction = 0.5
@@ -73,5 +74,7 @@ def get_config() -> ml_collections.ConfigDict:
                "nvfp4,codebook3,gptq_int4_g128,gptq_int3_g128,"
                "gptq_int3_g128_seq,sparsegpt_50,sparsegpt_2_4,"
                "sparsegpt_2_4+int4,wanda_50,wanda_2_4,asvd,svd_llm,"
-               "svd_llm+int4_res")
+               "svd_llm+int4_res,awq_int4_g128,awq_int3_g128,"
+               "smoothquant_w8a8,rotation_gptq_int4_g128,"
+               "rotation_gptq_int3_g128")
   return c

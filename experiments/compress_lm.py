@@ -38,7 +38,10 @@ import optax
 
 import compressjax as cj
 from compressjax.calibrate import capture, sequential
+from compressjax.quantize.awq import awq
 from compressjax.quantize.gptq import gptq
+from compressjax.quantize.rotation import quarot, rotation_gptq
+from compressjax.quantize.smoothquant import smoothquant
 from compressjax.core.rules import default_filter
 from compressjax.core.tree import leaves_with_paths
 from compressjax.data import stdlib_text
@@ -63,8 +66,8 @@ METRIC = "val_ppl"
 # ---------------------------------------------------------------------------
 
 def method(build: Callable[..., cj.Transform], description: str,
-           calibrated: bool = False, sequential: bool = False
-           ) -> Callable[..., cj.Transform]:
+           calibrated: bool = False, sequential: bool = False,
+           with_model: bool = False) -> Callable[..., cj.Transform]:
   """Tags a transform builder with a description (formatted with c=config).
 
   A calibrated builder is called as build(c, stats) with the per-layer
@@ -72,11 +75,13 @@ def method(build: Callable[..., cj.Transform], description: str,
   computed once per run: one-shot); with sequential=True the same builder is
   run block by block by compressjax.calibrate.sequential, each block
   calibrated on the outputs of the compressed blocks before it. Others are
-  called as build(c).
+  called as build(c). with_model=True builders are called as
+  build(c, stats, model, batches) (e.g. rotate, recalibrate, then GPTQ).
   """
   build.description = description
-  build.calibrated = calibrated or sequential
+  build.calibrated = calibrated or sequential or with_model
   build.sequential = sequential
+  build.with_model = with_model
   return build
 
 
@@ -123,6 +128,10 @@ def _notes(c: Config) -> dict:
               sparse_head=f"; head {unpruned}" if unpruned else "",
               sparse_quant_head=f"; head {both}" if both else "",
               nm_group="per channel" if g is None else g)
+
+
+def _model_cfg(c: Config) -> transformer.TransformerConfig:
+  return transformer.TransformerConfig.from_dict(c.model.to_dict())
 
 
 T = cj.transforms
@@ -251,6 +260,43 @@ METHODS: dict[str, Callable[[Config], cj.Transform]] = {
         "SVD-LLM rank ratio {c.lowrank.residual_rank_ratio} (float factors) "
         "plus the residual in int{c.quant.bits} RTN, groups of "
         "{c.quant.group_size}{head}", calibrated=True),
+    "awq_int4_g128": method(
+        lambda c, stats: awq(stats, c.quant.bits,
+                             group_size=c.quant.group_size,
+                             groups=transformer.scale_groups(_model_cfg(c)),
+                             rules=_head_rules(c)),
+        "AWQ int{c.quant.bits} asymmetric, groups of {c.quant.group_size}: "
+        "alpha grid + clip search, scales folded into LayerNorm/value where "
+        "possible{head}", calibrated=True),
+    "awq_int3_g128": method(
+        lambda c, stats: awq(stats, 3, group_size=c.quant.group_size,
+                             groups=transformer.scale_groups(_model_cfg(c)),
+                             rules=_head_rules(c)),
+        "AWQ int3 asymmetric, groups of {c.quant.group_size}{head}",
+        calibrated=True),
+    "smoothquant_w8a8": method(
+        lambda c, stats: smoothquant(
+            stats, c.quant.smooth_alpha,
+            groups=transformer.scale_groups(_model_cfg(c))),
+        "SmoothQuant alpha {c.quant.smooth_alpha}: int8 per-channel weights x "
+        "int8 per-token activations (int32 accumulation)", calibrated=True),
+    "rotation_gptq_int4_g128": method(
+        lambda c, stats, model, batches: rotation_gptq(
+            quarot(jax.random.key(c.seed), transformer.rotation_plan(
+                _model_cfg(c)), residual=False),
+            model, batches, c.quant.bits, group_size=c.quant.group_size,
+            rules=_head_rules(c)),
+        "randomized Hadamard (value/out folded, online before out and fc2) "
+        "then GPTQ int{c.quant.bits}, groups of {c.quant.group_size}{head}",
+        with_model=True),
+    "rotation_gptq_int3_g128": method(
+        lambda c, stats, model, batches: rotation_gptq(
+            quarot(jax.random.key(c.seed), transformer.rotation_plan(
+                _model_cfg(c)), residual=False),
+            model, batches, 3, group_size=c.quant.group_size,
+            rules=_head_rules(c)),
+        "randomized Hadamard then GPTQ int3, groups of "
+        "{c.quant.group_size}{head}", with_model=True),
     "codebook3": method(
         lambda c: T.quantize(format="codebook3", group_size=c.quant.group_size,
                              rules=_head_rules(c)),
@@ -574,8 +620,13 @@ def run_experiment(config: Config, workdir: str,
           model, baseline, calibration_batches(c, train_data),
           lambda stats: build(c, stats), progress=log)
     else:
-      transform = (build(c, calib) if getattr(build, "calibrated", False)
-                   else build(c))
+      if getattr(build, "with_model", False):
+        transform = build(c, calib, model,
+                          calibration_batches(c, train_data))
+      elif getattr(build, "calibrated", False):
+        transform = build(c, calib)
+      else:
+        transform = build(c)
       compressed = transform.apply(baseline)
     compressed = jax.block_until_ready(compressed)
     compress_s = time.time() - t0

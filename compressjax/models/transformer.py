@@ -6,7 +6,7 @@ kernel of shape (in_features, out_features), so each compression method
 
   params/embed/embedding            (256, d_model)      token embedding
   params/pos_embed/embedding        (seq_len, d_model)  learned positions
-  params/block_{i}/ln_1/{scale,bias}
+  params/block_{i}/ln_1/{scale,bias}   (norm="rms": scale only)
   params/block_{i}/attn/{query,key,value,out}/{kernel,bias}
   params/block_{i}/ln_2/{scale,bias}
   params/block_{i}/mlp/{fc1,fc2}/{kernel,bias}
@@ -37,8 +37,14 @@ class TransformerConfig:
   d_mlp: int = 512
   seq_len: int = 128  # maximum context (size of the position table)
   dtype: Any = jnp.float32
+  # "layer" (nn.LayerNorm: mean, variance, scale, bias) or "rms" (nn.RMSNorm:
+  # scale only). RMSNorm commutes with orthogonal maps of the residual stream,
+  # which QuaRot's folded residual rotation needs (see rotation_plan).
+  norm: str = "layer"
 
   def __post_init__(self):
+    if self.norm not in ("layer", "rms"):
+      raise ValueError(f"norm must be 'layer' or 'rms', got {self.norm!r}")
     if self.d_model % self.n_heads:
       raise ValueError(f"d_model {self.d_model} is not divisible by n_heads "
                        f"{self.n_heads}")
@@ -48,6 +54,11 @@ class TransformerConfig:
     """From a config mapping; keys that are not fields are ignored."""
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in dict(d).items() if k in names})
+
+
+def _norm(config: TransformerConfig, name: str) -> nn.Module:
+  return (nn.RMSNorm(name=name) if config.norm == "rms"
+          else nn.LayerNorm(name=name))
 
 
 def _dense(features: int, name: str, std: float = 0.02) -> nn.Dense:
@@ -94,8 +105,8 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x):
     x = x + CausalSelfAttention(self.config, name="attn")(
-        nn.LayerNorm(name="ln_1")(x))
-    return x + MLP(self.config, name="mlp")(nn.LayerNorm(name="ln_2")(x))
+        _norm(self.config, "ln_1")(x))
+    return x + MLP(self.config, name="mlp")(_norm(self.config, "ln_2")(x))
 
 
 class TransformerLM(nn.Module):
@@ -118,7 +129,7 @@ class TransformerLM(nn.Module):
     x = (x + pos).astype(c.dtype)
     for i in range(c.n_layers):
       x = Block(c, name=f"block_{i}")(x)
-    x = nn.LayerNorm(name="ln_f")(x)
+    x = _norm(c, "ln_f")(x)
     return _dense(c.vocab_size, "head")(x)
 
 
@@ -127,3 +138,74 @@ def next_token_loss(logits, targets):
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   return -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32),
                               axis=-1)[..., 0]
+
+
+def scale_groups(config: TransformerConfig, prefix: str = "params/"):
+  """AWQ / SmoothQuant scale groups (`compressjax.quantize.ScaleGroup`) of
+  this model: which kernels share an input and where its per-channel scale
+  folds. Per block: ln_1 -> query, key, value (fold into ln_1); value -> out
+  (attention mixes tokens, not channels, and the head split is a reshape, so
+  out's input channel j is value's output column j: fold into value's kernel
+  columns and bias); ln_2 -> fc1 (fold into ln_2); fc2 after gelu (explicit
+  input scale). Then ln_f -> head. `prefix` is the path of the params
+  collection in the tree (model.init's variables: 'params/')."""
+  from compressjax.quantize.scaling import ScaleGroup  # no import cycle
+
+  def norm(name):
+    return (f"{name}/scale", f"{name}/bias")
+
+  groups = []
+  for i in range(config.n_layers):
+    b = f"{prefix}block_{i}/"
+    groups += [
+        ScaleGroup(tuple(f"{b}attn/{n}/kernel"
+                         for n in ("query", "key", "value")), "norm",
+                   norm(f"{b}ln_1")),
+        ScaleGroup((f"{b}attn/out/kernel",), "linear",
+                   (f"{b}attn/value/kernel", f"{b}attn/value/bias")),
+        ScaleGroup((f"{b}mlp/fc1/kernel",), "norm", norm(f"{b}ln_2")),
+        ScaleGroup((f"{b}mlp/fc2/kernel",)),
+    ]
+  groups.append(ScaleGroup((f"{prefix}head/kernel",), "norm",
+                           norm(f"{prefix}ln_f")))
+  return tuple(groups)
+
+
+def rotation_plan(config: TransformerConfig, prefix: str = "params/"):
+  """Where QuaRot's rotations fold in this model
+  (`compressjax.quantize.rotation.RotationPlan`, for `quarot`).
+
+  Residual writers (their last axis is added to the stream): the token and
+  position embeddings, attn/out and mlp/fc2 (kernel and bias). Readers: ln_1
+  -> query, key, value; ln_2 -> fc1; ln_f -> head (each with its bias, into
+  which a LayerNorm bias folds). Value/out pairs with head_dim d_model /
+  n_heads (heads are a reshape of value's output columns). fc2 reads gelu's
+  output: nothing to fold into, so it is rotated online. `config.norm` says
+  whether the residual rotation folds as is ("rms") or needs centring
+  ("layer"). `prefix`: the params collection's path ('params/')."""
+  from compressjax.quantize.rotation import (Reader, RotationPlan,  # no cycle
+                                             ValueOut)
+
+  def dense(name):
+    return (f"{name}/kernel", f"{name}/bias")
+
+  def reader(norm, names):
+    kb = [dense(n) for n in names]
+    return Reader(f"{norm}/scale",
+                  f"{norm}/bias" if config.norm == "layer" else None,
+                  tuple(k for k, _ in kb), tuple(b for _, b in kb))
+
+  writers = [f"{prefix}embed/embedding", f"{prefix}pos_embed/embedding"]
+  readers, value_out, down = [], [], []
+  for i in range(config.n_layers):
+    b = f"{prefix}block_{i}/"
+    writers += [*dense(f"{b}attn/out"), *dense(f"{b}mlp/fc2")]
+    readers += [reader(f"{b}ln_1", [f"{b}attn/{n}"
+                                    for n in ("query", "key", "value")]),
+                reader(f"{b}ln_2", [f"{b}mlp/fc1"])]
+    value_out.append(ValueOut(*dense(f"{b}attn/value"), f"{b}attn/out/kernel",
+                              config.d_model // config.n_heads))
+    down.append(f"{b}mlp/fc2/kernel")
+  readers.append(reader(f"{prefix}ln_f", [f"{prefix}head"]))
+  return RotationPlan(config.norm, tuple(writers), tuple(readers),
+                      tuple(value_out), tuple(down))

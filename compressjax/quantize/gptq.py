@@ -23,13 +23,16 @@ round-to-nearest produces.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from compressjax.core.base import CompressedLeaf
 from compressjax.core.errors import CompressionError
+from compressjax.core.input_transform import InputTransform
 from compressjax.core.linalg import hinv_upper
 from compressjax.core.qarray import QArray
 from compressjax.formats.integer import IntFormat
@@ -188,6 +191,14 @@ def gptq(stats, bits: int = 4, *, format: str | None = None, group_size: int | N
     if path not in stats:
       raise CompressionError("no calibration statistics for this param; "
                              "capture with the same rules", path)
+    if isinstance(w, InputTransform):
+      # Rotated / scaled layer: capture observed the transformed input, so
+      # its Hessian is that of the input the inner weight multiplies.
+      if isinstance(w.weight, CompressedLeaf):
+        raise CompressionError("GPTQ needs the InputTransform's weight in "
+                               "float; it is already compressed", path)
+      return dataclasses.replace(w, weight=gptq_quantize(
+          w.weight, stats[path].hessian, path=path, **cfg))
     return gptq_quantize(w, stats[path].hessian, path=path, **cfg)
 
   def check(path, w, cfg):

@@ -1,0 +1,356 @@
+"""AWQ: activation-aware weight quantization (Lin et al. 2023, "AWQ:
+Activation-aware Weight Quantization for LLM Compression and Acceleration",
+Sec. 3.2, eq. 4-5).
+
+Weights on input channels with large activations matter more, so AWQ scales
+them up before quantizing (Flax layout: W is K_in x N_out, y = x @ W):
+
+  s(alpha) = mean_t |x_tj| ** alpha,  normalized s / sqrt(max(s) min(s))
+  W_hat(alpha) = diag(1/s) Q(diag(s) W)                            (eq. 4)
+  alpha* = argmin over alpha in {0, 1/n, ..., (n-1)/n} of
+           || X W - X W_hat(alpha) ||^2 summed over the group's consumers (eq. 5)
+
+Since ||X D||_F^2 = tr(D^T G D) with the Gram G = X^T X, the search needs only
+the captured statistics (`compressjax.calibrate.capture`), no activations. The
+loss is reported as a mean over tokens and outputs. alpha = 0 gives s = 1,
+i.e. plain round-to-nearest, so the chosen scale is never worse than RTN on
+this loss. As in the reference code the loss is on the consumers' outputs of
+the float model's activations (one-shot); the reference measures it after the
+whole attention / MLP module, we on the linear outputs (exact from G).
+
+Then the clipping search (the reference's auto_clip): per output channel and
+quantization group of the scaled weight W' = diag(s) W, shrink the range the
+quantizer sees by r in 1, 1 - 1/n_clip, ... (int(max_shrink * n_clip)
+candidates, the first being no clipping), quantize, and keep the r with the
+lowest error of that group's partial output, d^T G'_gg d with
+G' = diag(1/s) G diag(1/s) the Gram of x / s (its diagonal block for the
+group). So clipping never increases that per-group error; the QArray just
+gets smaller scales. Symmetric: clip to +-r max|w| as the reference. With a
+zero point we clip to [r min(w, 0), r max(w, 0)]: the reference's +-r max|w|
+puts both ends at -lo / scale = (2^b - 1) / 2, an exact rounding tie of the
+zero point, whose outcome then depends on float rounding details (jit vs
+not); shrinking the group's own range keeps its zero point.
+
+Scales fold into the producer of the group's input where `groups` say so
+(`compressjax.quantize.scaling`); elsewhere the consumer becomes
+InputTransform(weight=QArray of diag(s) W, scale=1/s). Defaults as in the
+paper: 4 bits, groups of 128 inputs, zero point (asymmetric), 20 grid points,
+max shrink 0.5 over 20 steps. The weights are the same QArrays round-to-nearest
+produces (`quantize_array`), so any integer bit width or element format works.
+
+Deviations: a channel that never fires (mean |x_j| = 0) has its mean floored
+at 1e-6 of the largest one (relative, instead of the reference's absolute
+clamp of s at 1e-4, so AWQ is invariant to rescaling X). The reference skips
+the clip search for query/key (their error enters through softmax, not
+linearly); reproduce that with a rule such as
+`(r".*attn/(query|key)/kernel", dict(n_clip=0))`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from compressjax import transform as T
+from compressjax.core.errors import CompressionError
+from compressjax.core.rules import Predicate, RuleLike, default_filter, resolve
+from compressjax.core.tree import leaves_with_paths, map_with_paths
+from compressjax.formats.integer import IntFormat
+from compressjax.quantize.rtn import (check_quant_config, quantize_array,
+                                      resolve_format)
+from compressjax.quantize.scaling import (ScaleGroup, apply_scales,
+                                          check_stats, consumer_weight,
+                                          gram_of_scaled, plan_groups,
+                                          with_weight)
+
+_HI = jax.lax.Precision.HIGHEST
+EPS = 1e-6  # floor on mean|x_j|, relative to the largest channel's
+_QKEYS = ("bits", "format", "group_size", "symmetric")
+_KEYS = _QKEYS + ("n_grid", "max_shrink", "n_clip")
+
+
+def awq_scale(mean_abs, alpha) -> jax.Array:
+  """s = mean|x|^alpha (floored), normalized by sqrt(max(s) min(s))."""
+  m = jnp.abs(jnp.asarray(mean_abs, jnp.float32))
+  top = jnp.max(m)
+  m = jnp.where(top > 0, jnp.maximum(m, EPS * top), 1.0)
+  s = m ** alpha
+  return s / jnp.sqrt(jnp.max(s) * jnp.min(s))
+
+
+def alpha_grid(n_grid: int) -> np.ndarray:
+  """The paper's grid: n_grid points i / n_grid in [0, 1)."""
+  return np.arange(n_grid, dtype=np.float32) / n_grid
+
+
+def shrink_grid(max_shrink: float, n_clip: int) -> tuple[float, ...]:
+  """Clip ratios 1 - i / n_clip for i < max_shrink * n_clip (1 = no clip)."""
+  n = int(math.floor(max_shrink * n_clip + 1e-9)) if n_clip else 0
+  return tuple(1.0 - i / n_clip for i in range(n)) or (1.0,)
+
+
+def _qcfg(bits=4, format=None, group_size=128, symmetric=False):
+  return (("bits", bits), ("format", format), ("group_size", group_size),
+          ("symmetric", bool(symmetric)))
+
+
+def _fake_quant(w, q):
+  """quantize_array(w, ...).materialize() in float32. Integer formats take
+  the same arithmetic without packing codes (much faster to compile inside
+  the searches); tests check the two agree."""
+  cfg = dict(q)
+  fmt = resolve_format(cfg, "<array>")
+  if not isinstance(fmt, IntFormat):
+    return quantize_array(w, **cfg).materialize().astype(jnp.float32)
+  k, n = w.shape
+  gs = cfg["group_size"] or k
+  x = w.astype(jnp.float32).reshape(k // gs, gs, n)
+  if fmt.symmetric:
+    s = jnp.max(jnp.abs(x), axis=1, keepdims=True) / fmt.max_value
+    s = jnp.where(s > 0, s, 1.0)
+    y = fmt.round(x / s)
+  else:
+    hi = jnp.maximum(jnp.max(x, axis=1, keepdims=True), 0.)
+    lo = jnp.minimum(jnp.min(x, axis=1, keepdims=True), 0.)
+    s = (hi - lo) / (fmt.qmax - fmt.qmin)
+    s = jnp.where(s > 0, s, 1.0)
+    z = jnp.clip(jnp.round(-lo / s), fmt.qmin, fmt.qmax)
+    y = fmt.round(x / s + z) - z
+  return (y * s).reshape(k, n)
+
+
+@functools.partial(jax.jit, static_argnames=("qcfgs", "n_grid"))
+def _scale_losses(weights, gram, mean_abs, *, qcfgs, n_grid):
+  """Sum over consumers of tr(D^T G D), D = W - diag(1/s) Q(diag(s) W)."""
+  gram = gram.astype(jnp.float32)
+
+  def loss(alpha):
+    s = awq_scale(mean_abs, alpha)[:, None]
+    tot = jnp.float32(0)
+    for w, q in zip(weights, qcfgs):
+      wf = w.astype(jnp.float32)
+      d = wf - _fake_quant(s * wf, q) / s
+      tot = tot + jnp.sum(d * jnp.matmul(gram, d, precision=_HI))
+    return tot
+
+  return jax.lax.map(loss, jnp.asarray(alpha_grid(n_grid)))
+
+
+@functools.partial(jax.jit, static_argnames=("qcfgs", "n_grid"))
+def _scale_search(weights, gram, mean_abs, norm, *, qcfgs, n_grid):
+  losses = _scale_losses(weights, gram, mean_abs, qcfgs=qcfgs,
+                         n_grid=n_grid) / jnp.maximum(norm, 1)
+  i = jnp.argmin(losses)  # first minimum: alpha = 0 wins ties
+  return losses, i, awq_scale(mean_abs, i / n_grid)
+
+
+class ScaleSearch(NamedTuple):
+  scale: jax.Array   # (K,) the normalized s at the best alpha
+  alpha: float
+  losses: jax.Array  # (n_grid,) output MSE per grid point
+
+
+def _search(weights, qcfgs, gram, mean_abs, count, n_grid) -> ScaleSearch:
+  n_out = sum(int(w.shape[1]) for w in weights)
+  losses, i, s = _scale_search(tuple(weights), jnp.asarray(gram),
+                               jnp.asarray(mean_abs),
+                               jnp.asarray(count, jnp.float32) * n_out,
+                               qcfgs=tuple(qcfgs), n_grid=n_grid)
+  return ScaleSearch(s, int(i) / n_grid, losses)
+
+
+def search_scale(weights, gram, mean_abs, *, bits: int = 4,
+                 format: str | None = None, group_size: int | None = 128,
+                 symmetric: bool = False, n_grid: int = 20,
+                 count=1.0) -> ScaleSearch:
+  """AWQ's alpha grid search (eq. 5) for kernels (K, N_i) sharing one input
+  with Gram `gram` (K, K) over `count` tokens and mean |x| `mean_abs` (K,)."""
+  weights = [weights] if hasattr(weights, "shape") else list(weights)
+  _check_search(n_grid, 0.0, 0, "<array>")
+  q = _qcfg(bits, format, group_size, symmetric)
+  for w in weights:
+    check_quant_config("<array>", w.shape, dict(q))
+  return _search([jnp.asarray(w) for w in weights], [q] * len(weights), gram,
+                 mean_abs, count, n_grid)
+
+
+def _bounds(wf, gs: int, symmetric: bool):
+  """Per (group, output) range that RTN maps onto the code range."""
+  k, n = wf.shape
+  g = wf.reshape(k // gs, gs, n)
+  if symmetric:
+    hi = jnp.max(jnp.abs(g), axis=1)
+    return -hi, hi
+  return jnp.minimum(g.min(1), 0.), jnp.maximum(g.max(1), 0.)
+
+
+def clip_weight(w, ratio, *, symmetric: bool):
+  """w clipped to ratio * its range, per group of inputs (ratio (K/g, N)):
+  +-r max|w| (symmetric), [r min(w, 0), r max(w, 0)] (zero point)."""
+  wf = w.astype(jnp.float32)
+  gs = w.shape[0] // ratio.shape[0]
+  lo, hi = _bounds(wf, gs, symmetric)
+  rep = lambda b: jnp.repeat(b * ratio, gs, axis=0)
+  return jnp.clip(wf, rep(lo), rep(hi)).astype(w.dtype)
+
+
+def _clip_errors_impl(w, gram, *, q, shrinks):
+  k, n = w.shape
+  cfg = dict(q)
+  gs = cfg["group_size"] or k
+  ng = k // gs
+  wf = w.astype(jnp.float32)
+  idx = jnp.arange(ng)
+  blocks = gram.astype(jnp.float32).reshape(ng, gs, ng, gs)[idx, :, idx, :]
+
+  def err(r):
+    wc = clip_weight(wf, jnp.full((ng, n), r), symmetric=cfg["symmetric"])
+    d = (wf - _fake_quant(wc, q)).reshape(ng, gs, n)
+    return jnp.einsum("gin,gij,gjn->gn", d, blocks, d, precision=_HI)
+
+  ratios = jnp.asarray(shrinks, jnp.float32)
+  errs = jax.lax.map(err, ratios)  # (C, ng, N)
+  best = jnp.argmin(errs, axis=0)  # first minimum: the least clipping
+  return ratios[best], errs
+
+
+_clip_errors = jax.jit(_clip_errors_impl, static_argnames=("q", "shrinks"))
+
+
+@functools.partial(jax.jit, static_argnames=("q", "shrinks"))
+def _quantize_scaled(w, gram, scale, *, q, shrinks):
+  """Clip search on w = diag(s) W against the Gram of x / s, then RTN."""
+  if len(shrinks) > 1:
+    ratio, _ = _clip_errors_impl(w, gram_of_scaled(gram, scale), q=q,
+                                 shrinks=shrinks)
+    w = clip_weight(w, ratio, symmetric=dict(q)["symmetric"])
+  return quantize_array(w, **dict(q))
+
+
+class ClipSearch(NamedTuple):
+  ratio: jax.Array    # (K / group, N) chosen shrink of each group's range
+  weight: jax.Array   # (K, N) the clipped weight, to be quantized
+  errors: jax.Array   # (candidates, K / group, N) group-output MSE sums / count
+
+
+def _clip(w, q, gram, count, shrinks) -> ClipSearch:
+  ratio, errs = _clip_errors(jnp.asarray(w), jnp.asarray(gram), q=q,
+                             shrinks=shrinks)
+  errs = errs / jnp.maximum(jnp.asarray(count, jnp.float32), 1)
+  return ClipSearch(ratio, clip_weight(jnp.asarray(w), ratio,
+                                       symmetric=dict(q)["symmetric"]), errs)
+
+
+def search_clip(w, gram, *, bits: int = 4, format: str | None = None,
+                group_size: int | None = 128, symmetric: bool = False,
+                max_shrink: float = 0.5, n_clip: int = 20,
+                count=1.0) -> ClipSearch:
+  """AWQ's clipping search for one (already scaled) kernel w (K, N) whose
+  input has Gram `gram` (K, K) over `count` tokens."""
+  _check_search(1, max_shrink, n_clip, "<array>")
+  q = _qcfg(bits, format, group_size, symmetric)
+  check_quant_config("<array>", jnp.shape(w), dict(q))
+  return _clip(w, q, gram, count, shrink_grid(max_shrink, n_clip))
+
+
+def awq_quantize(w, gram, scale, *, bits: int = 4, format: str | None = None,
+                 group_size: int | None = 128, symmetric: bool = False,
+                 max_shrink: float = 0.5, n_clip: int = 20,
+                 path: str = "<array>"):
+  """Quantizes a scaled kernel w = diag(s) W after the clip search, given the
+  Gram of the original input; the result is a `quantize_array` QArray."""
+  q = _qcfg(bits, format, group_size, symmetric)
+  check_quant_config(path, jnp.shape(w), dict(q))
+  _check_search(1, max_shrink, n_clip, path)
+  return _quantize_scaled(jnp.asarray(w), jnp.asarray(gram),
+                          jnp.asarray(scale), q=q,
+                          shrinks=shrink_grid(max_shrink, n_clip))
+
+
+def _check_search(n_grid, max_shrink, n_clip, path):
+  if not isinstance(n_grid, int) or n_grid < 1:
+    raise CompressionError(f"n_grid must be a positive int, got {n_grid}",
+                           path)
+  if not isinstance(n_clip, int) or n_clip < 0:
+    raise CompressionError(f"n_clip must be an int >= 0 (0: no clip "
+                           f"search), got {n_clip}", path)
+  if not (isinstance(max_shrink, (int, float)) and 0 <= max_shrink < 1):
+    raise CompressionError(f"max_shrink must be in [0, 1), got {max_shrink}",
+                           path)
+
+
+def _check_cfg(path, shape, cfg):
+  extra = sorted(set(cfg) - set(_KEYS))
+  if extra:
+    raise CompressionError(f"awq: unknown config keys {extra}; use "
+                           f"{list(_KEYS)}", path)
+  check_quant_config(path, shape, {k: cfg[k] for k in _QKEYS})
+  _check_search(cfg["n_grid"], cfg["max_shrink"], cfg["n_clip"], path)
+
+
+def awq(stats: Mapping[str, Any], bits: int = 4, *, group_size: int | None = 128,
+        symmetric: bool = False, format: str | None = None,
+        groups: Sequence[ScaleGroup] | None = None, n_grid: int = 20,
+        max_shrink: float = 0.5, n_clip: int = 20,
+        rules: Sequence[RuleLike] | None = None,
+        default: Predicate | None = None) -> T.Transform:
+  """AWQ transform (see module doc) given `compressjax.calibrate.capture`
+  stats. `groups` (e.g. `models.transformer.scale_groups(config)`) say which
+  kernels share an input and where its scale folds; by default every selected
+  kernel is its own group with an explicit input scale. Rules override any of
+  bits, format, group_size, symmetric, n_grid, max_shrink, n_clip per param
+  (n_grid must agree within a group)."""
+  base = dict(bits=bits, format=format, group_size=group_size,
+              symmetric=symmetric, n_grid=n_grid, max_shrink=max_shrink,
+              n_clip=n_clip)
+
+  def init(params):
+    plan = resolve(params, base, rules, default or default_filter,
+                   transform="awq")
+    gs = plan_groups(params, groups, plan.configs, transform="awq")
+    leaves = dict(leaves_with_paths(params))
+    for g in gs:
+      for c in g.consumers:
+        if c in plan:
+          _check_cfg(c, leaves[c].shape, plan.configs[c])
+          check_stats(c, stats, leaves[c].shape[0])
+    return T.LeafState(plan, dict(groups=gs))
+
+  def update(params, state):
+    plan = state.plan
+    gs = plan_groups(params, state.extra["groups"], plan.configs,
+                     transform="awq")
+    leaves = dict(leaves_with_paths(params))
+    scales = []
+    for g in gs:
+      sel = [c for c in g.consumers if c in plan]
+      n = {plan.configs[c]["n_grid"] for c in sel}
+      if len(n) > 1:
+        raise CompressionError(f"awq: consumers of one scale group need the "
+                               f"same n_grid, got {sorted(n)}", sel[0])
+      st = check_stats(sel[0], stats, leaves[sel[0]].shape[0])
+      qs = [_qcfg(**{k: plan.configs[c][k] for k in _QKEYS}) for c in sel]
+      res = _search([leaves[c] for c in sel], qs, st.gram, st.mean_abs,
+                    st.count, n.pop())
+      scales.append(res.scale)
+    out = apply_scales(params, gs, scales)
+    new = dict(leaves_with_paths(out))
+    for g, s in zip(gs, scales):
+      for c in g.consumers:
+        if c not in plan:
+          continue
+        cfg = plan.configs[c]
+        st = check_stats(c, stats, leaves[c].shape[0])
+        w = consumer_weight(new[c])
+        qa = awq_quantize(w, st.gram, s, path=c, **{
+            k: cfg[k] for k in _QKEYS + ("max_shrink", "n_clip")})
+        qa.validate()
+        new[c] = with_weight(new[c], qa)
+    return map_with_paths(lambda p, x: new.get(p, x), out), state
+
+  return T.Transform(init, update)

@@ -1,0 +1,248 @@
+"""Per-input-channel scale groups and their folding (AWQ, SmoothQuant).
+
+AWQ (Lin et al. 2023, Sec. 3.2) and SmoothQuant (Xiao et al. 2022, Sec. 4)
+both rewrite a linear layer as an equivalent pair
+
+    y = x @ W = (x / s) @ (diag(s) W)                    s > 0, shape (K,)
+
+and then quantize diag(s) W (and, for SmoothQuant, x / s). The division x / s
+costs nothing when the op that produces x is linear per channel, so 1/s can be
+folded into it:
+  "norm"    LayerNorm / RMSNorm: y = gamma * xhat + beta, so gamma /= s and
+            beta /= s;
+  "linear"  a Dense whose output columns feed the consumers (in attention,
+            the value projection feeding the output projection: attention
+            mixes tokens, not channels, so it commutes with diag(1/s)):
+            kernel[:, j] /= s_j and bias[j] /= s_j.
+Both are "divide the producer params along their last axis by s". All the
+consumers of one input must share s, hence a `ScaleGroup` lists them together.
+With no producer (e.g. fc2 after gelu) the division stays explicit: the
+consumer becomes `InputTransform(weight=diag(s) W, scale=1/s)`.
+
+`apply_scales` does this on a float tree; it is exact up to float rounding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Collection, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from compressjax.core.base import CompressedLeaf, is_concrete
+from compressjax.core.errors import CompressionError
+from compressjax.core.input_transform import InputTransform
+from compressjax.core.tree import (is_float_array, leaves_with_paths,
+                                   map_with_paths)
+
+PRODUCERS = ("norm", "linear", None)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaleGroup:
+  """Consumer kernels (K, N_i) that share one input, and what produces it.
+
+  Attributes:
+    consumers: param paths of the kernels that multiply the shared input.
+    producer: "norm", "linear" or None (not foldable: explicit input scale).
+    producer_params: paths of the producer's params whose last axis is the
+      shared channel axis K (norm scale and bias; linear kernel and bias).
+  """
+
+  consumers: tuple[str, ...]
+  producer: str | None = None
+  producer_params: tuple[str, ...] = ()
+
+  def __post_init__(self):
+    object.__setattr__(self, "consumers", tuple(self.consumers))
+    object.__setattr__(self, "producer_params", tuple(self.producer_params))
+    if not self.consumers:
+      raise CompressionError("a ScaleGroup needs at least one consumer")
+    if self.producer not in PRODUCERS:
+      raise CompressionError(f"ScaleGroup producer {self.producer!r} is not "
+                             f"one of {PRODUCERS}", self.consumers[0])
+    if (self.producer is None) != (not self.producer_params):
+      raise CompressionError(
+          "a ScaleGroup with a producer needs its producer_params (and one "
+          "without a producer must not list any)", self.consumers[0])
+
+  @property
+  def foldable(self) -> bool:
+    return self.producer is not None
+
+
+def _float_kernel(path: str, leaf: Any, transform: str):
+  if isinstance(leaf, CompressedLeaf) or not is_float_array(leaf):
+    raise CompressionError(
+        f"{transform} needs a float kernel, got "
+        f"{type(leaf).__name__}; apply it to the float model first (before "
+        "other compression), or skip this param with a rule", path)
+  if leaf.ndim != 2:
+    raise CompressionError(f"{transform} needs a 2-D (in, out) kernel, got "
+                           f"shape {tuple(leaf.shape)}; skip it with a rule",
+                           path)
+
+
+def plan_groups(params: Any, groups: Sequence[ScaleGroup] | None,
+                selected: Collection[str], *,
+                transform: str = "scaling") -> tuple[ScaleGroup, ...]:
+  """Checks `groups` against the tree and completes them.
+
+  Groups with no selected consumer are dropped; an explicit (producer None)
+  group keeps only its selected consumers; every selected path outside all
+  groups becomes its own explicit group (works on any model).
+  """
+  leaves = dict(leaves_with_paths(params))
+  in_group: dict[str, int] = {}
+  produced: dict[str, int] = {}
+  out = []
+  for i, g in enumerate(groups or ()):
+    if not isinstance(g, ScaleGroup):
+      raise CompressionError(f"{transform}: groups must be ScaleGroup "
+                             f"objects, got {type(g).__name__}")
+    for p in g.consumers + g.producer_params:
+      if p not in leaves:
+        raise CompressionError(f"{transform}: scale group param not found in "
+                               "the tree; check the path prefix (e.g. "
+                               "'params/')", p)
+    for c in g.consumers:
+      if c in in_group:
+        raise CompressionError(f"{transform}: param is a consumer in two "
+                               "scale groups", c)
+      in_group[c] = i
+    for p in g.producer_params:
+      if p in produced:  # its consumers would see x / (s1 s2)
+        raise CompressionError(f"{transform}: param is the producer of two "
+                               "scale groups", p)
+      produced[p] = i
+    sel = tuple(c for c in g.consumers if c in selected)
+    if not sel:
+      continue
+    if not g.foldable:
+      g = dataclasses.replace(g, consumers=sel)
+    for c in g.consumers:
+      _float_kernel(c, leaves[c], transform)
+    k = leaves[g.consumers[0]].shape[0]
+    for c in g.consumers:
+      if leaves[c].shape[0] != k:
+        raise CompressionError(
+            f"{transform}: consumers of one scale group must share in_features"
+            f" ({k} for {g.consumers[0]}), got {leaves[c].shape[0]}", c)
+    for p in g.producer_params:
+      leaf = leaves[p]
+      if (isinstance(leaf, CompressedLeaf) or not is_float_array(leaf)
+          or leaf.ndim < 1 or leaf.shape[-1] != k
+          or (g.producer == "norm" and leaf.ndim != 1)):
+        raise CompressionError(
+            f"{transform}: {g.producer} producer param must be a float array "
+            f"whose last axis is the consumers' {k} input channels"
+            f"{' (1-D)' if g.producer == 'norm' else ''}, got "
+            f"{type(leaf).__name__} of shape {getattr(leaf, 'shape', None)}",
+            p)
+    out.append(g)
+  for path, leaf in leaves_with_paths(params):
+    if path in selected and path not in in_group:
+      _float_kernel(path, leaf, transform)
+      out.append(ScaleGroup((path,)))
+  return tuple(out)
+
+
+def apply_scales(params: Any, groups: Sequence[ScaleGroup],
+                 scales: Sequence[Any], *, fold: bool = True) -> Any:
+  """Rewrites x @ W as (x / s) @ (diag(s) W) for every group (float, exact).
+
+  `scales[i]` (shape (K,), positive; None leaves the group alone) belongs to
+  `groups[i]`. Foldable groups (with fold=True) divide the producer params by
+  s along their last axis and scale the consumers' rows; the others turn each
+  consumer into InputTransform(weight=diag(s) W, scale=1/s).
+  """
+  div: dict[str, Any] = {}
+  mul: dict[str, tuple[Any, bool]] = {}
+  for g, s in zip(groups, scales):
+    if s is None:
+      continue
+    s = jnp.asarray(s, jnp.float32)
+    if s.ndim != 1 or (is_concrete(s) and not bool(
+        jnp.all(jnp.isfinite(s) & (s > 0)))):
+      raise CompressionError(f"scales must be finite, positive and 1-D, got "
+                             f"shape {s.shape}", g.consumers[0])
+    explicit = not (fold and g.foldable)
+    if not explicit:
+      for p in g.producer_params:
+        div[p] = s
+    for c in g.consumers:
+      mul[c] = (s, explicit)
+
+  def one(path, x):
+    if path in div:
+      x = _div_last(x, div[path])
+    if path in mul:
+      s, explicit = mul[path]
+      if x.shape[0] != s.shape[0]:
+        raise CompressionError(f"scale of {s.shape[0]} channels does not "
+                               f"match in_features {x.shape[0]}", path)
+      w = _mul_rows(x, s)
+      if explicit:
+        t = InputTransform(weight=w, scale=_inv(s), signs=None, block=0,
+                           act=None, shape=tuple(x.shape),
+                           dtype=jnp.dtype(x.dtype).name)
+        t.validate()
+        return t
+      return w
+    return x
+
+  return map_with_paths(one, params)
+
+
+# Jitted so a tree's worth of them compiles once per shape, not per op.
+@jax.jit
+def _div_last(x, s):
+  return (x.astype(jnp.float32) / s).astype(x.dtype)
+
+
+@jax.jit
+def _mul_rows(x, s):
+  return (x.astype(jnp.float32) * s[:, None]).astype(x.dtype)
+
+
+@jax.jit
+def _inv(s):
+  return 1.0 / s
+
+
+def consumer_weight(leaf: Any):
+  """The (scaled) float kernel of a consumer after `apply_scales`."""
+  return leaf.weight if isinstance(leaf, InputTransform) else leaf
+
+
+def with_weight(leaf: Any, weight: Any, *, act: str | None = None,
+                force_transform: bool = False):
+  """Replaces a consumer's kernel by `weight` (keeping an explicit scale);
+  wraps it in an InputTransform when `act` is set or forced."""
+  if isinstance(leaf, InputTransform):
+    return dataclasses.replace(leaf, weight=weight, act=act)
+  if act is None and not force_transform:
+    return weight
+  return InputTransform(weight=weight, scale=None, signs=None, block=0,
+                        act=act, shape=tuple(leaf.shape),
+                        dtype=jnp.dtype(leaf.dtype).name)
+
+
+def gram_of_scaled(gram, s):
+  """Gram of x / s: diag(1/s) G diag(1/s)."""
+  inv = 1.0 / jnp.asarray(s, jnp.float32)
+  return jnp.asarray(gram, jnp.float32) * inv[:, None] * inv[None, :]
+
+
+def check_stats(path: str, stats: Any, k: int):
+  if stats is None or path not in stats:
+    raise CompressionError("no calibration statistics for this param; "
+                           "capture with the same rules (or skip it)", path)
+  st = stats[path]
+  if np.shape(st.abs_sum) != (k,):
+    raise CompressionError(
+        f"statistics have {np.shape(st.abs_sum)} input features but the "
+        f"kernel has {k}; calibrate this param's own matmul", path)
+  return st

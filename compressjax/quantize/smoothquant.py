@@ -1,0 +1,149 @@
+"""SmoothQuant (Xiao et al. 2022, "SmoothQuant: Accurate and Efficient
+Post-Training Quantization for Large Language Models", Sec. 4, eq. 3-4).
+
+Activation outliers sit in a few input channels and ruin per-token int8
+activations; weights are easy. SmoothQuant migrates the difficulty with a
+per-channel scale (Flax layout: W is K_in x N_out, Y = X W):
+
+  Y = (X diag(s)^-1) (diag(s) W)                                  (eq. 3)
+  s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)                      (eq. 4)
+
+with max|X_j| over calibration tokens (`LayerStats.abs_max`) and max|W_j| over
+row j of all the kernels consuming X. Then the smoothed activation
+X^_j = X_j / s_j and weight W^_j = s_j W_j have
+  max|X^_j| = (max|X_j| max|W_j|)^(1 - alpha),
+  max|W^_j| = (max|X_j| max|W_j|)^alpha,
+equal at alpha = 0.5 (the paper's default; larger alpha moves more of the
+range into the weights). The scale folds into the producer of X where
+`groups` allow (`compressjax.quantize.scaling`), else stays explicit.
+
+Then W8A8: every consumer becomes InputTransform(weight=int8 symmetric
+per-output-channel QArray of diag(s) W, scale=1/s or None when folded,
+act="int8"), so at run time its input is quantized per token (dynamic) and
+the dispatch multiplies int8 x int8 with int32 accumulation.
+
+A channel with max|X_j| = 0 or max|W_j| = 0 gets s_j = 1 (the formula would
+give 0 or inf; the reference clamps at 1e-5, which would blow up such a
+channel should it ever fire).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from compressjax import transform as T
+from compressjax.core.errors import CompressionError
+from compressjax.core.input_transform import ACT_FORMATS
+from compressjax.core.rules import Predicate, RuleLike, default_filter, resolve
+from compressjax.core.tree import leaves_with_paths, map_with_paths
+from compressjax.quantize.rtn import check_quant_config, quantize_array
+from compressjax.quantize.scaling import (ScaleGroup, apply_scales,
+                                          check_stats, consumer_weight,
+                                          plan_groups, with_weight)
+
+_KEYS = ("alpha", "act", "weight_bits")
+
+
+def weight_max(weights) -> jax.Array:
+  """max|W_j| over the rows j of all the given (K, N_i) kernels."""
+  return jnp.max(jnp.stack([jnp.max(jnp.abs(jnp.asarray(w, jnp.float32)),
+                                    axis=1) for w in weights]), axis=0)
+
+
+def smooth_scale(act_max, w_max, alpha: float = 0.5) -> jax.Array:
+  """eq. 4: s_j = max|X_j|^alpha / max|W_j|^(1 - alpha) (1 where either is 0)."""
+  a = jnp.abs(jnp.asarray(act_max, jnp.float32))
+  w = jnp.abs(jnp.asarray(w_max, jnp.float32))
+  ok = (a > 0) & (w > 0)
+  a, w = jnp.where(ok, a, 1.0), jnp.where(ok, w, 1.0)
+  return jnp.where(ok, a ** alpha / w ** (1.0 - alpha), 1.0)
+
+
+@jax.jit
+def _group_scale(act_max, weights, alpha):
+  return smooth_scale(act_max, weight_max(weights), alpha)
+
+
+@functools.partial(jax.jit, static_argnames="bits")
+def _quantize(w, *, bits):
+  return quantize_array(w, bits)  # symmetric, per output channel
+
+
+def _check_alpha(path, alpha):
+  if not (isinstance(alpha, (int, float)) and math.isfinite(alpha)
+          and 0 <= alpha <= 1):
+    raise CompressionError(f"smoothquant alpha must be in [0, 1], got "
+                           f"{alpha!r}", path)
+
+
+def _check_cfg(path, shape, cfg):
+  extra = sorted(set(cfg) - set(_KEYS))
+  if extra:
+    raise CompressionError(f"smoothquant: unknown config keys {extra}; use "
+                           f"{list(_KEYS)}", path)
+  _check_alpha(path, cfg["alpha"])
+  if cfg["act"] not in ACT_FORMATS:
+    raise CompressionError(f"act {cfg['act']!r} is not one of {ACT_FORMATS}",
+                           path)
+  check_quant_config(path, shape, dict(bits=cfg["weight_bits"]))
+
+
+def smoothquant(stats: Mapping[str, Any], alpha: float = 0.5, *,
+                groups: Sequence[ScaleGroup] | None = None,
+                act: str | None = "int8", weight_bits: int = 8,
+                rules: Sequence[RuleLike] | None = None,
+                default: Predicate | None = None) -> T.Transform:
+  """SmoothQuant W8A8 transform (see module doc) given
+  `compressjax.calibrate.capture` stats (uses `abs_max`). `groups` as in
+  `awq`; rules override alpha, act, weight_bits per param (alpha must agree
+  within a group)."""
+  base = dict(alpha=alpha, act=act, weight_bits=weight_bits)
+
+  def init(params):
+    plan = resolve(params, base, rules, default or default_filter,
+                   transform="smoothquant")
+    gs = plan_groups(params, groups, plan.configs, transform="smoothquant")
+    leaves = dict(leaves_with_paths(params))
+    for g in gs:
+      for c in g.consumers:
+        if c in plan:
+          _check_cfg(c, leaves[c].shape, plan.configs[c])
+          check_stats(c, stats, leaves[c].shape[0])
+    return T.LeafState(plan, dict(groups=gs))
+
+  def update(params, state):
+    plan = state.plan
+    gs = plan_groups(params, state.extra["groups"], plan.configs,
+                     transform="smoothquant")
+    leaves = dict(leaves_with_paths(params))
+    scales = []
+    for g in gs:
+      sel = [c for c in g.consumers if c in plan]
+      alphas = {plan.configs[c]["alpha"] for c in sel}
+      if len(alphas) > 1:
+        raise CompressionError(f"smoothquant: consumers of one scale group "
+                               f"need the same alpha, got {sorted(alphas)}",
+                               sel[0])
+      a = alphas.pop()
+      _check_alpha(sel[0], a)
+      st = check_stats(sel[0], stats, leaves[sel[0]].shape[0])
+      # every consumer sees x / s, so all of them bound max|W_j|
+      scales.append(_group_scale(st.abs_max, tuple(
+          leaves[c] for c in g.consumers), jnp.float32(a)))
+    out = apply_scales(params, gs, scales)
+    new = {}
+    for path, leaf in leaves_with_paths(out):
+      if path in plan:
+        cfg = plan.configs[path]
+        qa = _quantize(consumer_weight(leaf), bits=cfg["weight_bits"])
+        new[path] = with_weight(leaf, qa, act=cfg["act"],
+                                force_transform=True)
+        new[path].validate()
+    return map_with_paths(lambda p, x: new.get(p, x), out), state
+
+  return T.Transform(init, update)
