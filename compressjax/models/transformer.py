@@ -147,11 +147,14 @@ def scale_groups(config: TransformerConfig, prefix: str = "params/"):
   (attention mixes tokens, not channels, and the head split is a reshape, so
   out's input channel j is value's output column j: fold into value's kernel
   columns and bias); ln_2 -> fc1 (fold into ln_2); fc2 after gelu (explicit
-  input scale). Then ln_f -> head. `prefix` is the path of the params
-  collection in the tree (model.init's variables: 'params/')."""
+  input scale). Then ln_f -> head. With norm="rms" the norms have a scale
+  only. `prefix` is the path of the params collection in the tree
+  (model.init's variables: 'params/')."""
   from compressjax.quantize.scaling import ScaleGroup  # no import cycle
 
   def norm(name):
+    if config.norm == "rms":
+      return (f"{name}/scale",)
     return (f"{name}/scale", f"{name}/bias")
 
   groups = []

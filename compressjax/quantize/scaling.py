@@ -164,8 +164,9 @@ def apply_scales(params: Any, groups: Sequence[ScaleGroup],
     if s is None:
       continue
     s = jnp.asarray(s, jnp.float32)
-    if s.ndim != 1 or (is_concrete(s) and not bool(
-        jnp.all(jnp.isfinite(s) & (s > 0)))):
+    # checked on the host: no per-op compilation for a tree's worth of groups
+    if s.ndim != 1 or (is_concrete(s) and not np.all(
+        np.isfinite(sh := np.asarray(s)) & (sh > 0))):
       raise CompressionError(f"scales must be finite, positive and 1-D, got "
                              f"shape {s.shape}", g.consumers[0])
     explicit = not (fold and g.foldable)
@@ -217,13 +218,13 @@ def consumer_weight(leaf: Any):
   return leaf.weight if isinstance(leaf, InputTransform) else leaf
 
 
-def with_weight(leaf: Any, weight: Any, *, act: str | None = None,
-                force_transform: bool = False):
+def with_weight(leaf: Any, weight: Any, *, act: str | None = None):
   """Replaces a consumer's kernel by `weight` (keeping an explicit scale);
-  wraps it in an InputTransform when `act` is set or forced."""
+  wraps it in an InputTransform when run-time activation quantization `act`
+  is asked for."""
   if isinstance(leaf, InputTransform):
     return dataclasses.replace(leaf, weight=weight, act=act)
-  if act is None and not force_transform:
+  if act is None:
     return weight
   return InputTransform(weight=weight, scale=None, signs=None, block=0,
                         act=act, shape=tuple(leaf.shape),

@@ -20,7 +20,8 @@ range into the weights). The scale folds into the producer of X where
 Then W8A8: every consumer becomes InputTransform(weight=int8 symmetric
 per-output-channel QArray of diag(s) W, scale=1/s or None when folded,
 act="int8"), so at run time its input is quantized per token (dynamic) and
-the dispatch multiplies int8 x int8 with int32 accumulation.
+the dispatch multiplies int8 x int8 with int32 accumulation. (With act=None a
+folded consumer is just the QArray: weight-only smoothing.)
 
 A channel with max|X_j| = 0 or max|W_j| = 0 gets s_j = 1 (the formula would
 give 0 or inf; the reference clamps at 1e-5, which would blow up such a
@@ -141,8 +142,7 @@ def smoothquant(stats: Mapping[str, Any], alpha: float = 0.5, *,
       if path in plan:
         cfg = plan.configs[path]
         qa = _quantize(consumer_weight(leaf), bits=cfg["weight_bits"])
-        new[path] = with_weight(leaf, qa, act=cfg["act"],
-                                force_transform=True)
+        new[path] = with_weight(leaf, qa, act=cfg["act"])
         new[path].validate()
     return map_with_paths(lambda p, x: new.get(p, x), out), state
 

@@ -41,57 +41,73 @@ TINY_GROUPS = (
 )  # fc1 (after a residual sum) and fc2 (after gelu): explicit by default
 
 
-def _jitter(v, key, amount=0.3):
-  """Random perturbation of every param, so norms and biases are nontrivial."""
-  leaves, tdef = jax.tree.flatten(v)
-  ks = jax.random.split(key, len(leaves))
-  return jax.tree.unflatten(tdef, [
-      x + amount * jax.random.normal(k, x.shape) * jnp.std(x + 1e-3)
-      for x, k in zip(leaves, ks)])
+def random_params(model, x, seed):
+  """Random params of the model's shapes, drawn with numpy (no compilation),
+  with nontrivial norm scales and biases."""
+  rng = np.random.default_rng(seed)
+
+  def draw(path, a):
+    z = rng.standard_normal(a.shape)
+    if path.endswith("scale"):
+      z = 1 + 0.3 * z
+    elif path.endswith("bias"):
+      z = 0.1 * z
+    elif path.endswith("kernel"):
+      z = z / np.sqrt(a.shape[0])
+    return jnp.asarray(z, a.dtype)
+
+  shapes = jax.eval_shape(model.init, jax.random.key(0), x)
+  return cj.core.tree.map_with_paths(draw, shapes)
 
 
 def _rel(a, b):
-  return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def _random_scales(groups, tree, key, spread):
+def _random_scales(groups, tree, seed, spread):
+  # numpy, and jitted helpers below: eager jax ops each compile on first use
   leaves = dict(cj.core.leaves_with_paths(tree))
-  out = []
-  for i, g in enumerate(groups):
-    k = leaves[g.consumers[0]].shape[0]
-    out.append(jnp.exp(spread * jax.random.normal(jax.random.fold_in(key, i),
-                                                  (k,))))
-  return out
+  rng = np.random.default_rng(seed)
+  return [np.exp(spread * rng.standard_normal(
+      leaves[g.consumers[0]].shape[0])).astype(np.float32) for g in groups]
+
+
+def _kernels(v):
+  return {p for p, _ in cj.core.leaves_with_paths(v) if p.endswith("kernel")}
+
+
+# One compilation each (eager jax ops would each compile on first use).
+_rtn = jax.jit(quantize_array, static_argnames=("bits", "group_size",
+                                                "symmetric"))
+_dense = jax.jit(cj.materialize_tree)
 
 
 _TINY = Tiny()
 _tiny_run = jax.jit(lambda t, x: cj.run(_TINY, t, x))
-_tiny_init = jax.jit(lambda key, x: _jitter(_TINY.init(jax.random.key(1), x),
-                                            key))
 
 
 @settings(max_examples=6)
 @given(seed=st.integers(0, 2**31 - 1), spread=st.floats(0.0, 2.0))
 def test_folding_is_exact_on_small_model(seed, spread):
-  x = jax.random.normal(jax.random.key(seed), (2, 6, D))
-  x = x * jnp.where(jnp.arange(D) % 5 == 0, 10.0, 1.0)  # outlier channels
-  v = _tiny_init(jax.random.key(seed + 1), x)
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal((2, 6, D)).astype(np.float32)
+  x *= np.where(np.arange(D) % 5 == 0, 10.0, 1.0).astype(np.float32)
+  v = random_params(_TINY, x, seed)
   y = _tiny_run(v, x)
   # all four groups: two foldable, fc1 and fc2 explicit
-  groups = plan_groups(
-      v, TINY_GROUPS, {p for p, _ in cj.core.leaves_with_paths(v)
-                       if p.endswith("kernel")})
+  groups = plan_groups(v, TINY_GROUPS, _kernels(v))
   assert [g.producer for g in groups] == ["norm", "linear", None, None]
-  scales = _random_scales(groups, v, jax.random.key(seed + 2), spread)
+  scales = _random_scales(groups, v, seed + 1, spread)
   folded = apply_scales(v, groups, scales)
   explicit = apply_scales(v, groups, scales, fold=False)
   p = folded["params"]
   assert isinstance(p["fc1"]["kernel"], InputTransform)
   assert isinstance(p["fc2"]["kernel"], InputTransform)
   assert not isinstance(p["q"]["kernel"], InputTransform)
-  np.testing.assert_allclose(p["ln"]["scale"],
-                             v["params"]["ln"]["scale"] / scales[0],
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+      p["ln"]["scale"], np.asarray(v["params"]["ln"]["scale"]) / scales[0],
+      rtol=1e-6)
   for t in (folded, explicit):
     assert _rel(_tiny_run(t, x), y) < 1e-5
   assert all(isinstance(explicit["params"][n]["kernel"], InputTransform)
@@ -105,23 +121,35 @@ TCFG = tr.TransformerConfig(d_model=32, n_layers=2, n_heads=2, d_mlp=32,
 @pytest.fixture(scope="module")
 def lm():
   model = tr.TransformerLM(TCFG)
-  toks = jax.random.randint(jax.random.key(0), (4, 16), 0, 256)
-  v = _jitter(model.init(jax.random.key(1), toks), jax.random.key(2))
-  batches = [jax.random.randint(jax.random.key(10 + i), (4, 16), 0, 256)
-             for i in range(3)]
-  return model, v, toks, capture(model, v, batches)
+  rng = np.random.default_rng(0)
+  toks = rng.integers(0, 256, (4, 16), dtype=np.int32)
+  v = random_params(model, toks, 1)
+  batches = [rng.integers(0, 256, (4, 16), dtype=np.int32) for _ in range(3)]
+  apply = jax.jit(lambda p: model.apply(p, toks))  # float trees
+  return model, v, toks, capture(model, v, batches), apply
 
 
 def test_folding_is_exact_on_transformer(lm):
-  model, v, toks, _ = lm
-  y = model.apply(v, toks)
-  groups = plan_groups(
-      v, tr.scale_groups(TCFG), {p for p, _ in cj.core.leaves_with_paths(v)
-                                 if p.endswith("kernel")})
+  model, v, toks, _, apply = lm
+  groups = plan_groups(v, tr.scale_groups(TCFG), _kernels(v))
   assert len(groups) == 4 * TCFG.n_layers + 1
-  scales = _random_scales(groups, v, jax.random.key(3), 1.0)
+  assert [g.producer for g in groups[:4]] == ["norm", "linear", "norm", None]
+  scales = _random_scales(groups, v, 3, 1.0)
   t = apply_scales(v, groups, scales)  # (explicit: tested on the small model)
-  assert _rel(jax.jit(lambda t: cj.run(model, t, toks))(t), y) < 1e-5
+  assert _rel(jax.jit(lambda t: cj.run(model, t, toks))(t), apply(v)) < 1e-5
+
+
+def test_folding_is_exact_on_rmsnorm_transformer():
+  cfg = tr.TransformerConfig(d_model=32, n_layers=1, n_heads=2, d_mlp=32,
+                             seq_len=16, norm="rms")
+  model = tr.TransformerLM(cfg)
+  toks = np.random.default_rng(1).integers(0, 256, (2, 16), dtype=np.int32)
+  v = random_params(model, toks, 4)
+  groups = plan_groups(v, tr.scale_groups(cfg), _kernels(v))
+  assert groups[0].producer_params == ("params/block_0/ln_1/scale",)
+  t = apply_scales(v, groups, _random_scales(groups, v, 5, 1.0))
+  assert _rel(jax.jit(lambda t: cj.run(model, t, toks))(t),
+              jax.jit(model.apply)(v, toks)) < 1e-5
 
 
 # -- numpy reference ---------------------------------------------------------
@@ -170,6 +198,19 @@ def _err(x, w, what):
       what, np.float64)))**2))
 
 
+def test_search_quantizer_is_rtn():
+  """The searches' unpacked fake quantization equals quantize_array's."""
+  from compressjax.quantize.awq import _fake_quant, _qcfg
+  w = np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)
+  w[:16, 0] = 0  # an all-zero group
+  w[16:32, 1] = np.abs(w[16:32, 1])  # a group with no negative values
+  for bits, gs, sym in [(4, 16, False), (3, None, True), (8, 32, False)]:
+    q = _qcfg(bits, None, gs, sym)
+    np.testing.assert_array_equal(
+        jax.jit(lambda w: _fake_quant(w, q))(w),
+        _dense(_rtn(w, bits=bits, group_size=gs, symmetric=sym)))
+
+
 @pytest.mark.parametrize("bits,gs,sym", [(4, 16, False), (3, 32, False),
                                          (4, None, True)])
 def test_scale_search_is_the_grid_minimizer(bits, gs, sym):
@@ -198,30 +239,30 @@ def test_scale_search_is_the_grid_minimizer(bits, gs, sym):
 def _awq_layer(x, w, bits, gs, **kw):
   res = search_scale(w, x.T @ x, np.abs(x).mean(0), bits=bits, group_size=gs,
                      count=len(x))
-  s = res.scale[:, None]
+  s = np.asarray(res.scale)[:, None]
   q = awq_quantize(w * s, x.T @ x, res.scale, bits=bits, group_size=gs, **kw)
-  return q, q.materialize() / s
+  return q, np.asarray(_dense(q)) / s
 
 
 @pytest.mark.parametrize("bits", [4, 3])
 def test_awq_below_rtn_with_outlier_channels(bits):
   x, (w,) = _layer(k=64, ns=(32,), seed=5)
-  rtn = quantize_array(w, bits, group_size=16, symmetric=False).materialize()
+  rtn = _dense(_rtn(w, bits=bits, group_size=16, symmetric=False))
   _, wh = _awq_layer(x, w, bits, 16)
   e_awq, e_rtn = _err(x, w, wh), _err(x, w, rtn)
   assert e_awq < 0.4 * e_rtn  # measured ~0.2
   # without the clip search: RTN of diag(s) W exactly, between the two
   q0, wh0 = _awq_layer(x, w, bits, 16, n_clip=0)
-  s = search_scale(w, x.T @ x, np.abs(x).mean(0), bits=bits,
-                   group_size=16).scale
-  np.testing.assert_array_equal(q0.codes, quantize_array(
-      w * s[:, None], bits, group_size=16, symmetric=False).codes)
+  s = np.asarray(search_scale(w, x.T @ x, np.abs(x).mean(0), bits=bits,
+                              group_size=16).scale)
+  np.testing.assert_array_equal(q0.codes, _rtn(
+      w * s[:, None], bits=bits, group_size=16, symmetric=False).codes)
   assert e_awq <= _err(x, w, wh0) < e_rtn
   # no outliers: still never worse than RTN
   x2, (w2,) = _layer(k=64, ns=(32,), seed=6, outliers=False)
-  rtn2 = quantize_array(w2, bits, group_size=16, symmetric=False)
+  rtn2 = _dense(_rtn(w2, bits=bits, group_size=16, symmetric=False))
   assert _err(x2, w2, _awq_layer(x2, w2, bits, 16)[1]) <= _err(
-      x2, w2, rtn2.materialize()) * (1 + 1e-4)
+      x2, w2, rtn2) * (1 + 1e-4)
 
 
 @settings(max_examples=8)
@@ -234,10 +275,10 @@ def test_clip_search_never_increases_group_error(seed, bits, sym):
                     count=len(x))
   errs = np.asarray(res.errors)
   assert errs.shape == (10, 4, 8)  # int(0.5 * 20) ratios, 4 groups, 8 outputs
-  q = quantize_array(res.weight, bits, group_size=16, symmetric=sym)
+  q = _rtn(res.weight, bits=bits, group_size=16, symmetric=sym)
   # the stored QArray is exact to its definition; its per-group error is the
   # chosen candidate's, the minimum, so at most the unclipped (RTN) one
-  d = (np.asarray(w, np.float64) - np.asarray(q.materialize(), np.float64))
+  d = (np.asarray(w, np.float64) - np.asarray(_dense(q), np.float64))
   d = d.reshape(4, 16, 8)
   gb = np.stack([np.asarray(g, np.float64)[i * 16:(i + 1) * 16,
                                            i * 16:(i + 1) * 16]
@@ -266,12 +307,13 @@ def test_transform_on_one_layer_matches_functions():
   q, _ = _awq_layer(x, w, 4, 16)
   np.testing.assert_array_equal(c.weight.codes, q.codes)
   y = jax.jit(lambda c, x: cj.run(fn, {"w": c}, x))(c, x)
-  np.testing.assert_allclose(y, x @ c.materialize(), rtol=1e-4, atol=1e-3)
+  np.testing.assert_allclose(y, x @ np.asarray(_dense(c)), rtol=1e-4,
+                             atol=1e-3)
 
 
 def test_awq_on_transformer_runs_and_checkpoints(lm, tmp_path):
-  model, v, toks, stats = lm
-  y = model.apply(v, toks)
+  model, v, toks, stats, apply = lm
+  y = apply(v)
   c = awq(stats, 4, group_size=16, groups=tr.scale_groups(TCFG)).apply(v)
   b = c["params"]["block_0"]
   for n in ("query", "key", "value", "out"):
@@ -284,13 +326,12 @@ def test_awq_on_transformer_runs_and_checkpoints(lm, tmp_path):
       "scale"])  # folded
   run = jax.jit(lambda t: cj.run(model, t, toks))
   out = run(c)
-  # the effective weights (no activation quantization here): plain apply,
-  # one compilation for every materialized tree
-  apply = jax.jit(lambda p: model.apply(p, toks))
-  dense = lambda t: apply(cj.materialize_tree(t))
+  # the effective weights (no activation quantization here): plain apply
+  dense = lambda t: apply(_dense(t))
   np.testing.assert_allclose(out, dense(c), rtol=1e-4, atol=1e-4)
   e_awq = _rel(out, y)
-  e_rtn = _rel(dense(cj.quantize(v, 4, group_size=16, symmetric=False)), y)
+  rtn = jax.jit(lambda v: cj.quantize(v, 4, group_size=16, symmetric=False))
+  e_rtn = _rel(dense(rtn(v)), y)
   assert e_awq < e_rtn
   cj.save(str(tmp_path / "awq"), c)
   r = cj.restore(str(tmp_path / "awq"))
@@ -303,7 +344,7 @@ def test_awq_on_transformer_runs_and_checkpoints(lm, tmp_path):
 
 
 def test_errors_name_the_path(lm):
-  model, v, _, stats = lm
+  model, v, _, stats, _ = lm
   path = "params/block_1/mlp/fc2/kernel"
   partial = {p: s for p, s in stats.items() if p != path}
   with pytest.raises(cj.CompressionError, match="no calibration.*" + path):
@@ -321,5 +362,8 @@ def test_errors_name_the_path(lm):
   with pytest.raises(cj.CompressionError, match="same n_grid"):
     awq(stats, 4, group_size=16, groups=tr.scale_groups(TCFG),
         rules=[(r".*query/kernel", dict(n_grid=5))]).apply(v)
-  with pytest.raises(cj.CompressionError, match="float kernel"):
-    awq(stats, 4, group_size=16).apply(cj.quantize(v, 8))
+  q = jax.tree.map(lambda x: x, v)
+  q["params"]["block_0"]["attn"]["key"]["kernel"] = _rtn(
+      v["params"]["block_0"]["attn"]["key"]["kernel"], bits=8)
+  with pytest.raises(cj.CompressionError, match="float kernel.*key"):
+    awq(stats, 4, group_size=16).apply(q)

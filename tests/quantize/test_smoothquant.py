@@ -173,16 +173,28 @@ TCFG = tr.TransformerConfig(d_model=32, n_layers=2, n_heads=2, d_mlp=32,
 @pytest.fixture(scope="module")
 def lm():
   model = tr.TransformerLM(TCFG)
-  toks = jax.random.randint(jax.random.key(0), (4, 16), 0, 256)
-  v = model.init(jax.random.key(1), toks)
-  batches = [jax.random.randint(jax.random.key(10 + i), (4, 16), 0, 256)
-             for i in range(3)]
+  rng = np.random.default_rng(0)
+  toks = rng.integers(0, 256, (4, 16), dtype=np.int32)
+
+  def draw(path, a):  # numpy draws: no compilation for the init
+    z = rng.standard_normal(a.shape)
+    if path.endswith("scale"):
+      z = 1 + 0.3 * z
+    elif path.endswith("bias"):
+      z = 0.1 * z
+    elif path.endswith("kernel"):
+      z = z / np.sqrt(a.shape[0])
+    return jnp.asarray(z, a.dtype)
+
+  v = cj.core.tree.map_with_paths(draw, jax.eval_shape(
+      model.init, jax.random.key(0), toks))
+  batches = [rng.integers(0, 256, (4, 16), dtype=np.int32) for _ in range(3)]
   return model, v, toks, capture(model, v, batches)
 
 
 def test_smoothquant_on_transformer(lm, tmp_path, monkeypatch):
   model, v, toks, stats = lm
-  y = np.asarray(model.apply(v, toks), np.float64)
+  y = np.asarray(jax.jit(model.apply)(v, toks), np.float64)
   c = smoothquant(stats, groups=tr.scale_groups(TCFG)).apply(v)
   p = c["params"]
   for i in range(TCFG.n_layers):
@@ -204,6 +216,15 @@ def test_smoothquant_on_transformer(lm, tmp_path, monkeypatch):
   out = np.asarray(run(c), np.float64)
   assert _err(out, y) < 0.05
   np.testing.assert_array_equal(run(r), out)
+  # a skipped consumer of a folded group stays float, scaled to match
+  c2 = smoothquant(stats, groups=tr.scale_groups(TCFG),
+                   rules=[(r".*block_0/attn/query/kernel", None)]).apply(v)
+  b0, f0 = c2["params"]["block_0"], v["params"]["block_0"]
+  s = np.asarray(f0["ln_1"]["scale"]) / np.asarray(b0["ln_1"]["scale"])
+  np.testing.assert_allclose(b0["attn"]["query"]["kernel"],
+                             np.asarray(f0["attn"]["query"]["kernel"])
+                             * s[:, None], rtol=1e-5)
+  assert isinstance(b0["attn"]["key"]["kernel"], InputTransform)
 
 
 def test_errors_name_the_path(lm):
