@@ -46,7 +46,6 @@ def tiny_lm(norm):
                              seq_len=16, norm=norm)
   model = tr.TransformerLM(cfg)
   tok = jax.random.randint(jax.random.key(1), (2, 16), 0, 256)
-  v = jax.jit(model.init)(jax.random.key(0), tok)
 
   def perturb(path, x):
     k = jax.random.fold_in(jax.random.key(7), zlib.crc32(path.encode()))
@@ -55,12 +54,17 @@ def tiny_lm(norm):
     if path.endswith("bias"):
       return 0.1 * jax.random.normal(k, x.shape)
     return 10 * x
-  v = map_with_paths(perturb, v)
-  return cfg, model, v, tok, jax.jit(model.apply)(v, tok)
+
+  @jax.jit
+  def make(key):
+    v = map_with_paths(perturb, model.init(key, tok))
+    return v, model.apply(v, tok)
+
+  v, y = make(jax.random.key(0))
+  return cfg, model, v, tok, y
 
 
-def run_lm(model, tree, tok):
-  return jax.jit(lambda t, x: cj.run(model, t, x))(tree, tok)
+run_lm = jax.jit(cj.run, static_argnums=0)  # one compile per tree structure
 
 
 def apply_jit(t, params):
@@ -80,26 +84,25 @@ def test_online_rotation_of_linen_model_is_exact():
   assert [p[f"layers_{i}"]["kernel"].block for i in (0, 2, 3)] == [8, 16, 64]
   assert all(isinstance(p[f"layers_{i}"]["kernel"], InputTransform)
              for i in (0, 2, 3))
-  assert rel(run_lm(model, r, x), jax.jit(model.apply)(v, x)) < 1e-5
+  y = jax.jit(lambda t, x: cj.run(model, t, x))(r, x)
+  assert rel(y, jax.jit(model.apply)(v, x)) < 1e-5
 
 
 @jax.jit
-def _online_and_check(w, key, x):
+def _online(w, key):
   t = online("w", w, key)
-  return t, t.materialize(), cj.run(MATMUL, {"w": t}, x)
+  return t, t.materialize()
 
 
-@given(k_pow=st.integers(1, 5), odd=st.sampled_from([1, 3]),
-       n=st.sampled_from([1, 5]), seed=st.integers(0, 2**16))
-def test_online_leaf_is_exact(k_pow, odd, n, seed):
+@given(k_pow=st.integers(1, 4), odd=st.sampled_from([1, 3]),
+       seed=st.integers(0, 2**16))
+def test_online_leaf_is_exact(k_pow, odd, seed):
   k = odd * 2**k_pow
-  w = jax.random.normal(jax.random.key(seed), (k, n))
-  x = jax.random.normal(jax.random.key(seed + 2), (3, k))
-  t, dense, y = _online_and_check(w, jax.random.key(seed + 1), x)
+  w = jax.random.normal(jax.random.key(seed), (k, 3))
+  t, dense = _online(w, jax.random.key(seed + 1))
   t.validate()
   assert t.block == 2**k_pow  # largest power of two dividing k
   np.testing.assert_allclose(dense, w, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(y, x @ w, rtol=1e-4, atol=1e-4)
   # weight holds R^T W with R = diag(s) H_b (dense reference)
   r = np.kron(np.eye(odd), hadamard.hadamard_matrix(t.block))
   r = np.asarray(t.signs, np.float64)[:, None] * r
@@ -166,7 +169,7 @@ def _outlier_weight(seed, k=256, n=64):
 @pytest.mark.parametrize("group_size", [None, 128])
 def test_rotation_lowers_rtn_int4_error_on_outlier_rows(group_size):
   # measured ||W - W_hat||_F ratio (rotated / plain): 0.28-0.35 over seeds
-  for seed in range(3):
+  for seed in range(2):
     w = _outlier_weight(seed)
     plain = quantize_array(w, 4, group_size=group_size)
     t = cj.quantize({"w": online("w", w, jax.random.key(seed + 9))}, 4,
@@ -227,20 +230,22 @@ def test_quarot_gptq_transformer_checkpoints_and_runs(tmp_path):
   # value/out fold, online fc2 and out; GPTQ on the rotated float tree
   cfg, model, v, tok, y0 = tiny_lm("layer")
   rot = quarot(KEY, tr.rotation_plan(cfg), center_layernorm=True)
-  head = [(r"params/head/kernel", dict(bits=8, group_size=None))]
-  t = rotation_gptq(rot, model, [tok], 4, group_size=16, rules=head)
+  skip_head = [(r"params/head/kernel", None)]  # rules reach capture and GPTQ
+  t = rotation_gptq(rot, model, [tok], 4, group_size=16, rules=skip_head)
   q = t.apply(v)
   fc2 = q["params"]["block_1"]["mlp"]["fc2"]["kernel"]
   assert isinstance(fc2, InputTransform) and isinstance(fc2.weight, cj.QArray)
-  assert q["params"]["head"]["kernel"].fmt.bits == 8
+  assert isinstance(q["params"]["block_0"]["attn"]["query"]["kernel"],
+                    cj.QArray)
+  assert not cj.is_compressed(q["params"]["head"]["kernel"])
   y = run_lm(model, q, tok)
   assert rel(y, y0) < 0.5  # quantized, but still the same model
   cj.save(str(tmp_path / "q"), q)
   back = cj.restore(str(tmp_path / "q"))
   np.testing.assert_array_equal(run_lm(model, back, tok), y)
   # the building blocks compose with chain: same result as the convenience
-  stats = capture(model, rot.apply(v), [tok], rules=head)
-  q2 = cj.chain(rot, gptq(stats, 4, group_size=16, rules=head)).apply(v)
+  stats = capture(model, rot.apply(v), [tok], rules=skip_head)
+  q2 = cj.chain(rot, gptq(stats, 4, group_size=16, rules=skip_head)).apply(v)
   np.testing.assert_array_equal(run_lm(model, q2, tok), y)
 
 
@@ -274,7 +279,8 @@ def test_errors_name_the_path():
   with pytest.raises(cj.CompressionError,
                      match=r"whole heads of 12.*block_0/attn/out/kernel"):
     quarot(KEY, bad).init(lm)
-  lmq = cj.quantize(lm, 4)
+  lmq = map_with_paths(lambda p, x: x.astype(jnp.int8) if p.endswith(
+      "attn/out/kernel") else x, lm)
   with pytest.raises(cj.CompressionError,
                      match=r"float params.*params/block_0/attn/out/kernel"):
     quarot(KEY, plan).init(lmq)
