@@ -320,6 +320,9 @@ def quarot(key, plan: RotationPlan, *, residual: bool = True,
     online_out: online Hadamard on the out projections' inputs.
   Every step is exact in float arithmetic; the result is a float tree (plus
   InputTransform leaves for the online rotations) to quantize next.
+  The residual fold moves the norm scales gamma into the readers' weights,
+  outliers included; for weight-only quantization of a model with uneven
+  gamma, `rotate` (gamma stays a float norm param) can do better.
   """
 
   def init(params):
