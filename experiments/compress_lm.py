@@ -482,10 +482,9 @@ def calibration_batches(c: Config, train_data: np.ndarray) -> list:
   return [b[:, :-1] for b, _ in zip(batches, range(c.calib.batches))]
 
 
-def calibration_stats(c: Config, model, baseline: Any,
-                      train_data: np.ndarray) -> dict:
-  """Per-layer input statistics on training windows (not validation)."""
-  return capture(model, baseline, calibration_batches(c, train_data))
+def calibration_stats(model, baseline: Any, batches: list) -> dict:
+  """Per-layer input statistics of the float model on `batches`."""
+  return capture(model, baseline, batches)
 
 
 def unigram_ppl(train_data: np.ndarray, val_data: np.ndarray) -> float:
@@ -606,28 +605,27 @@ def run_experiment(config: Config, workdir: str,
   summary_root = os.path.join(workdir, "summaries")
   os.makedirs(ckpt_root, exist_ok=True)
   os.makedirs(summary_root, exist_ok=True)
-  calib = None
+  calib = calib_batches = None
   for i, name in enumerate(names, 1):
     build = METHODS[name]
     if getattr(build, "calibrated", False) and calib is None:
       t0 = time.time()
-      calib = calibration_stats(c, model, baseline, train_data)
+      # drawn once: one-shot stats, sequential and rotation rows share them
+      calib_batches = calibration_batches(c, train_data)
+      calib = calibration_stats(model, baseline, calib_batches)
       log(f"calibration: {c.calib.batches} x {c.calib.batch_size} windows "
           f"in {time.time() - t0:.1f}s")
     t0 = time.time()
     if getattr(build, "sequential", False):
       compressed = sequential(
-          model, baseline, calibration_batches(c, train_data),
+          model, baseline, calib_batches,
           lambda stats: build(c, stats), progress=log)
+    elif getattr(build, "with_model", False):
+      compressed = build(c, calib, model, calib_batches).apply(baseline)
+    elif getattr(build, "calibrated", False):
+      compressed = build(c, calib).apply(baseline)
     else:
-      if getattr(build, "with_model", False):
-        transform = build(c, calib, model,
-                          calibration_batches(c, train_data))
-      elif getattr(build, "calibrated", False):
-        transform = build(c, calib)
-      else:
-        transform = build(c)
-      compressed = transform.apply(baseline)
+      compressed = build(c).apply(baseline)
     compressed = jax.block_until_ready(compressed)
     compress_s = time.time() - t0
     t0 = time.time()
