@@ -16,6 +16,8 @@ A randomized Hadamard rotation is R = diag(signs) H with random +-1 signs
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,6 +31,9 @@ def largest_power_of_two_divisor(n: int) -> int:
   return n & -n
 
 
+# jit: eager callers (folds, materialize) would otherwise dispatch log2(n)
+# butterflies op by op.
+@functools.partial(jax.jit, static_argnames=("axis", "block"))
 def fwht(x, axis: int = -1, block: int | None = None):
   """Orthonormal Hadamard transform of blocks of `block` along `axis`."""
   x = jnp.asarray(x)

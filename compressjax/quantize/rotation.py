@@ -67,11 +67,6 @@ from compressjax.core.tree import (is_float_array, leaves_with_paths,
                                    map_with_paths)
 
 
-# One compiled transform per (shape, axis, block): rotating a model eagerly
-# would otherwise dispatch (and compile) every butterfly op separately.
-_fwht = jax.jit(hadamard.fwht, static_argnames=("axis", "block"))
-
-
 def _key_for(key, name: str):
   """One independent stream per param / role (stable across runs)."""
   return jax.random.fold_in(key, zlib.crc32(name.encode()))
@@ -117,7 +112,7 @@ def online(path: str, leaf: Any, key, block: int | None = None
   b = _block_for(k, block, path)
   signs = hadamard.random_signs(_key_for(key, path), k)
   # R^T W = H diag(s) W (H symmetric): sign the rows, then transform them.
-  w = _fwht(inner.astype(jnp.float32) * signs[:, None], axis=0,
+  w = hadamard.fwht(inner.astype(jnp.float32) * signs[:, None], axis=0,
             block=b).astype(inner.dtype)
   return InputTransform(weight=w, scale=scale, signs=signs, block=b, act=None,
                         shape=tuple(inner.shape),
@@ -213,15 +208,15 @@ class RotationPlan:
 def _q_right(w, signs, block, sandwich):
   """w @ Q along the last axis; Q = diag(s) H, or H diag(s) H (sandwich)."""
   if sandwich:
-    w = _fwht(w, axis=-1, block=block)
-  return _fwht(w * signs, axis=-1, block=block)
+    w = hadamard.fwht(w, axis=-1, block=block)
+  return hadamard.fwht(w * signs, axis=-1, block=block)
 
 
 def _q_left_t(w, signs, block, sandwich):
   """Q^T @ w along the first axis (Q^T = H diag(s), or H diag(s) H)."""
   if sandwich:
-    w = _fwht(w, axis=0, block=block)
-  return _fwht(w * signs[:, None], axis=0, block=block)
+    w = hadamard.fwht(w, axis=0, block=block)
+  return hadamard.fwht(w * signs[:, None], axis=0, block=block)
 
 
 def _check_plan(params, plan: RotationPlan, residual: bool,
@@ -369,12 +364,12 @@ def quarot(key, plan: RotationPlan, *, residual: bool = True,
         s = hadamard.random_signs(_key_for(key, vo.value_kernel), n).astype(
             jnp.float32)
         # R_v = diag(s) (I (x) H_hb): W_v R_v on columns, R_v^T W_out on rows
-        new[vo.value_kernel] = _fwht(f32(vo.value_kernel) * s, axis=-1,
+        new[vo.value_kernel] = hadamard.fwht(f32(vo.value_kernel) * s, axis=-1,
                                      block=hb)
         if vo.value_bias is not None:
-          new[vo.value_bias] = _fwht(f32(vo.value_bias) * s, axis=-1,
+          new[vo.value_bias] = hadamard.fwht(f32(vo.value_bias) * s, axis=-1,
                                      block=hb)
-        new[vo.out_kernel] = _fwht(f32(vo.out_kernel) * s[:, None], axis=0,
+        new[vo.out_kernel] = hadamard.fwht(f32(vo.out_kernel) * s[:, None], axis=0,
                                    block=hb)
 
     wrap = set(plan.down if online_fc2 else ())
