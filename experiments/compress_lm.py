@@ -304,6 +304,17 @@ METHODS: dict[str, Callable[[Config], cj.Transform]] = {
 }
 
 
+def make_transform(name: str, c: Config, stats=None, model=None,
+                   batches=None) -> cj.Transform:
+  """The transform of a (non-sequential) row, called as its tags require."""
+  build = METHODS[name]
+  if getattr(build, "with_model", False):
+    return build(c, stats, model, batches)
+  if getattr(build, "calibrated", False):
+    return build(c, stats)
+  return build(c)
+
+
 def describe_method(name: str, c: Config) -> str:
   build = METHODS[name]
   template = getattr(build, "description", name)
@@ -620,12 +631,9 @@ def run_experiment(config: Config, workdir: str,
       compressed = sequential(
           model, baseline, calib_batches,
           lambda stats: build(c, stats), progress=log)
-    elif getattr(build, "with_model", False):
-      compressed = build(c, calib, model, calib_batches).apply(baseline)
-    elif getattr(build, "calibrated", False):
-      compressed = build(c, calib).apply(baseline)
     else:
-      compressed = build(c).apply(baseline)
+      compressed = make_transform(name, c, calib, model,
+                                  calib_batches).apply(baseline)
     compressed = jax.block_until_ready(compressed)
     compress_s = time.time() - t0
     t0 = time.time()

@@ -128,7 +128,10 @@ def test_default_methods_fit_default_model():
                             count=jnp.asarray(1.0))
   for name in compress_lm.parse_methods(c.methods):
     build = compress_lm.METHODS[name]
-    t = build(c, stats) if getattr(build, "calibrated", False) else build(c)
+    if getattr(build, "sequential", False):
+      t = build(c, stats)  # what sequential applies to each block
+    else:
+      t = compress_lm.make_transform(name, c, stats, model, batches=[])
     t.init(variables)  # raises on a bad config
 
 
