@@ -11,7 +11,9 @@ quantized_matmul layout:
   zero   None or (G, N)/(G, 1) unsigned zero points
   offset integer added to stored codes to get code values (e.g. -8 for a
          symmetric int4 stored unsigned)
-  y = sum_g (x_g @ (codes_g + offset - zero_g)) * scale_g, in float32.
+  lut    None or a table of 2**bits float values: code values are lut[codes]
+         instead (fp8/fp6/fp4 bit patterns, NF4 and other level sets)
+  y = sum_g (x_g @ (value(codes_g) - zero_g)) * scale_g, in float32.
 """
 
 from __future__ import annotations
@@ -23,9 +25,13 @@ from pallas_kernels import layout
 
 
 def quantized_matmul(x, codes, scale, zero=None, *, bits: int, k: int,
-                     offset: int = 0, out_dtype=None):
+                     offset: int = 0, lut=None, out_dtype=None):
   out_dtype = out_dtype or x.dtype
-  q = layout.unpack(codes, bits, k, 0).astype(jnp.float32) + offset
+  stored = layout.unpack(codes, bits, k, 0)
+  if lut is not None:
+    q = jnp.asarray(lut, jnp.float32)[stored.astype(jnp.int32)]
+  else:
+    q = stored.astype(jnp.float32) + offset
   g = scale.shape[0]
   lead = x.shape[:-1]
   xf = x.astype(jnp.float32).reshape(-1, g, k // g)

@@ -9,6 +9,7 @@ materialized exactly and the plain op runs.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import jax
@@ -19,7 +20,8 @@ from compressjax.core.input_transform import InputTransform
 from compressjax.core.lowrank import LowRank
 from compressjax.core.qarray import QArray
 from compressjax.formats import activations
-from pallas_kernels import reference
+from pallas_kernels import quantized_matmul as pallas_qmm
+from pallas_kernels import reference, xla_matmul
 
 DotRule = Callable[..., Any]
 _DOT_RULES: dict[type, list[DotRule]] = {}
@@ -65,13 +67,62 @@ def _is_matmul(x, leaf, dims) -> bool:
           and not lb and not rb)
 
 
+def _code_table(fmt):
+  """Integer formats map codes by an offset; any other elementwise format of
+  <= 8 bits (fp8/fp6/fp4, NF4, ternary, ...) by its 2**bits decode table."""
+  if getattr(fmt, "kind", None) == "int":
+    return fmt.offset, None
+  return 0, fmt.decode(jnp.arange(2**fmt.bits, dtype=jnp.int32))
+
+
+_KERNELS = ["auto"]
+KERNEL_CHOICES = ("auto", "pallas", "xla", "reference")
+
+
+@contextlib.contextmanager
+def use_kernels(choice: str):
+  """Selects the matmul implementation while tracing inside the block:
+  "auto" (Pallas on GPU/TPU, blocked XLA on CPU), "pallas" (also on CPU, in
+  interpret mode: slow, for tests), "xla" (blocked XLA) or "reference"
+  (plain grouped einsum). Jitted functions keep what they were traced with."""
+  if choice not in KERNEL_CHOICES:
+    raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got "
+                     f"{choice!r}")
+  _KERNELS.append(choice)
+  try:
+    yield
+  finally:
+    _KERNELS.pop()
+
+
+def _kernel_choice() -> str:
+  choice = _KERNELS[-1]
+  if choice == "auto":
+    return "xla" if jax.default_backend() == "cpu" else "pallas"
+  return choice
+
+
 def _qarray_dot(x, leaf: QArray, dims, out_dtype):
+  """Weight-only quantized matmul straight from the stored codes, never
+  materializing the float weight: the Pallas kernel for integer codes of
+  1/2/4/8 bits (GPU/TPU), blocked XLA (CPU, and any <= 8-bit elementwise
+  format through its decode table), or the plain grouped einsum."""
   if not (_is_matmul(x, leaf, dims) and leaf.axis == 0
-          and getattr(leaf.fmt, "kind", None) == "int"):
+          and getattr(leaf.fmt, "kind", None) in ("int", "float", "levels")
+          and leaf.fmt.bits <= 8):
     return None
-  return reference.quantized_matmul(
-      x, leaf.codes, leaf.scale_values(), leaf.zero, bits=leaf.fmt.bits,
-      k=leaf.shape[0], offset=leaf.fmt.offset, out_dtype=out_dtype)
+  offset, lut = _code_table(leaf.fmt)
+  args = (x, leaf.codes, leaf.scale_values(), leaf.zero)
+  kw = dict(bits=leaf.fmt.bits, k=leaf.shape[0], offset=offset,
+            out_dtype=out_dtype)
+  choice = _kernel_choice()
+  if (choice == "pallas" and lut is None
+      and leaf.fmt.bits in pallas_qmm.SUPPORTED_BITS):
+    return pallas_qmm.quantized_matmul(*args, **kw)
+  if choice == "reference" or (choice == "pallas" and
+                               jax.default_backend() != "cpu"):
+    return reference.quantized_matmul(*args, lut=lut, **kw)
+  return xla_matmul.quantized_matmul(*args, lut=lut, **kw)
 
 
 def _lowrank_dot(x, leaf: LowRank, dims, out_dtype):
@@ -107,7 +158,10 @@ def _input_transform_dot(x, leaf: InputTransform, dims, out_dtype):
   if leaf.act is not None:
     xq = activations.quantize_per_token(xt, leaf.act)
     if leaf.act == "int8" and _is_w8(leaf.weight):
-      return reference.int8_matmul(xq.codes, xq.scale, leaf.weight.codes,
+      impl = {"pallas": pallas_qmm.int8_matmul,
+              "xla": xla_matmul.int8_matmul,
+              "reference": reference.int8_matmul}[_kernel_choice()]
+      return impl(xq.codes, xq.scale, leaf.weight.codes,
                                    leaf.weight.scale, out_dtype=out_dtype)
     xt = xq.materialize()
   y = dot_general(xt, leaf.weight, dims, lhs_leaf=False, dtype=jnp.float32,
