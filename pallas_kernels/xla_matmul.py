@@ -15,7 +15,7 @@ divisor of the group. Packed 4-bit codes are split into even rows (low
 nibbles) and odd rows (high nibbles) instead of interleaved, so x is split the
 same way and no unpacking shuffle is needed.
 
-`int8_matmul` (W8A8) stays exact: int8 x int8 products are at most 2**14 in
+`int8_matmul` (W8A8) at small batch stays exact: int8 x int8 products are at most 2**14 in
 magnitude, so a float32 dot over <= 1024 rows sums integers below 2**24
 exactly whatever the order; the block partials are then summed in int32,
 which equals int32 accumulation bit for bit (XLA:CPU has no fast int8 GEMM).
@@ -172,9 +172,19 @@ def quantized_matmul(x, codes, scale, zero=None, *, bits: int, k: int,
 EXACT_ROWS = 1024  # 1024 * 128 * 128 = 2**24: float32 sums stay exact
 
 
+# Below this many rows the blocked float32 form wins; from batch 16 on
+# XLA:CPU's own int8 x int8 -> int32 dot is faster (bench/kernels.py, 4096^2
+# and 8192^2: blocked 0.69x/0.89x of float32 at batch 1, int32 dot 8.9x/12x;
+# at batch 16 int32 dot 0.51x/0.71x vs blocked 0.87x/1.18x). 2..15 unmeasured.
+INT32_DOT_MIN_ROWS = 8
+
+
 def int8_matmul(xq, x_scale, wq, w_scale, *, out_dtype=jnp.float32):
   """W8A8 with int32-exact accumulation (see module docstring)."""
   k, n = wq.shape
+  if math.prod(xq.shape[:-1]) >= INT32_DOT_MIN_ROWS:
+    return reference.int8_matmul(xq, x_scale, wq, w_scale,
+                                 out_dtype=out_dtype)
   block, kp = choose_block(k, k, 1, target=512, cap=EXACT_ROWS)
   nb = kp // block
   lead = xq.shape[:-1]

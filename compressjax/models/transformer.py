@@ -13,6 +13,11 @@ kernel of shape (in_features, out_features), so each compression method
   params/ln_f/{scale,bias}
   params/head/{kernel,bias}         (d_model, 256)      untied output head
 
+With `mutable=["intermediates"]` the apply also returns each block's output
+(intermediates/block_{i}/hidden, (B, T, d_model)) and attention probabilities
+(intermediates/block_{i}/attn/attn, (B, n_heads, T, T)); otherwise the sows
+are no-ops (see `compressjax.train.distill.intermediates`).
+
     model = TransformerLM(TransformerConfig())
     variables = model.init(jax.random.key(0), tokens)   # tokens (B, T) int
     logits = model.apply(variables, tokens)             # (B, T, 256)
@@ -41,10 +46,22 @@ class TransformerConfig:
   # scale only). RMSNorm commutes with orthogonal maps of the residual stream,
   # which QuaRot's folded residual rotation needs (see rotation_plan).
   norm: str = "layer"
+  # "xla": einsum + softmax; "pallas": the block-sparse flash-attention
+  # kernel (pallas_kernels.attention; interpret mode on CPU, slow there),
+  # which skips the blocks the mask empties.
+  attention: str = "xla"
+  window: int | None = None  # sliding-window attention: last `window` keys
+  attention_block: int = 128
 
   def __post_init__(self):
     if self.norm not in ("layer", "rms"):
       raise ValueError(f"norm must be 'layer' or 'rms', got {self.norm!r}")
+    if self.attention not in ("xla", "pallas"):
+      raise ValueError(f"attention must be 'xla' or 'pallas', got "
+                       f"{self.attention!r}")
+    if self.window is not None and self.window < 1:
+      raise ValueError(f"window must be a positive number of keys, got "
+                       f"{self.window}")
     if self.d_model % self.n_heads:
       raise ValueError(f"d_model {self.d_model} is not divisible by n_heads "
                        f"{self.n_heads}")
@@ -66,6 +83,26 @@ def _dense(features: int, name: str, std: float = 0.02) -> nn.Dense:
                   kernel_init=nn.initializers.normal(stddev=std))
 
 
+def attention_mask(config: TransformerConfig, t: int):
+  """Causal, or causal sliding window of `config.window` keys (a mask of the
+  kernels' algebra, so both attention paths use one definition)."""
+  from pallas_kernels.attention import mask as masks
+  m = masks.CausalMask((t, t))
+  if config.window is not None:
+    m = m & masks.LocalMask((t, t), config.window - 1, 0)
+  return m
+
+
+def _flash(q, k, v, mask, block: int):
+  """(B, T, H, D) -> (B, T, H, D) through the block-sparse kernel."""
+  from pallas_kernels.attention import block_sparse_attention
+  sw = lambda a: jnp.swapaxes(a, 1, 2)  # noqa: E731
+  t = q.shape[1]
+  blk = min(block, -(-t // 8) * 8)
+  return sw(block_sparse_attention(sw(q), sw(k), sw(v), mask, block_q=blk,
+                                   block_kv=blk))
+
+
 class CausalSelfAttention(nn.Module):
   config: TransformerConfig
 
@@ -80,10 +117,17 @@ class CausalSelfAttention(nn.Module):
     q = split(_dense(d, "query")(x))
     k = split(_dense(d, "key")(x))
     v = split(_dense(d, "value")(x))
+    if c.attention == "pallas":
+      y = _flash(q, k, v, attention_mask(c, t), c.attention_block)
+      return _dense(d, "out", 0.02 / (2 * c.n_layers) ** 0.5)(
+          y.reshape(b, t, d))
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(hd).astype(x.dtype)
-    causal = jnp.tril(jnp.ones((t, t), bool))
-    logits = jnp.where(causal, logits, jnp.finfo(logits.dtype).min)
+    allowed = jnp.asarray(attention_mask(c, t).to_dense())
+    logits = jnp.where(allowed, logits, jnp.finfo(logits.dtype).min)
     attn = jax.nn.softmax(logits, axis=-1)
+    # No-op unless applied with mutable=["intermediates"] (and init denies
+    # that collection by default): distillation reads it (train.distill).
+    self.sow("intermediates", "attn", attn)
     y = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, t, d)
     # GPT-2 style: scale residual-branch outputs down with depth.
     return _dense(d, "out", 0.02 / (2 * c.n_layers) ** 0.5)(y)
@@ -106,7 +150,9 @@ class Block(nn.Module):
   def __call__(self, x):
     x = x + CausalSelfAttention(self.config, name="attn")(
         _norm(self.config, "ln_1")(x))
-    return x + MLP(self.config, name="mlp")(_norm(self.config, "ln_2")(x))
+    x = x + MLP(self.config, name="mlp")(_norm(self.config, "ln_2")(x))
+    self.sow("intermediates", "hidden", x)  # residual stream; see attn's sow
+    return x
 
 
 class TransformerLM(nn.Module):
