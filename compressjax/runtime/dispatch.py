@@ -60,11 +60,24 @@ def conv_general_dilated(lhs, rhs_leaf, *, dtype, **params):
       lhs, materialize(rhs_leaf).astype(dtype), **params)
 
 
-def _is_matmul(x, leaf, dims) -> bool:
-  """x (..., K) contracted with axis 0 of a 2-D leaf, no batch dims."""
+def _is_matmul(x, leaf, dims, any_rank: bool = False) -> bool:
+  """x (..., K) contracted with axis 0 of a 2-D leaf (of any rank >= 2 with
+  `any_rank`: an Einsum kernel (K, h, d) is a (K, h*d) matrix), no batch
+  dims."""
   (lc, rc), (lb, rb) = dims
-  return (leaf.ndim == 2 and tuple(lc) == (x.ndim - 1,) and tuple(rc) == (0,)
+  rank_ok = leaf.ndim >= 2 if any_rank else leaf.ndim == 2
+  return (rank_ok and tuple(lc) == (x.ndim - 1,) and tuple(rc) == (0,)
           and not lb and not rb)
+
+
+def _as_matrix(a, rest: tuple):
+  """Per-group (G, *r) values, r broadcastable to rest -> (G, prod(rest)),
+  or (G, 1) when they are shared by all outputs."""
+  if a is None:
+    return None
+  if all(d == 1 for d in a.shape[1:]):
+    return a.reshape(a.shape[0], 1)
+  return jnp.broadcast_to(a, a.shape[:1] + rest).reshape(a.shape[0], -1)
 
 
 def _code_table(fmt):
@@ -107,22 +120,27 @@ def _qarray_dot(x, leaf: QArray, dims, out_dtype):
   materializing the float weight: the Pallas kernel for integer codes of
   1/2/4/8 bits (GPU/TPU), blocked XLA (CPU, and any <= 8-bit elementwise
   format through its decode table), or the plain grouped einsum."""
-  if not (_is_matmul(x, leaf, dims) and leaf.axis == 0
+  if not (_is_matmul(x, leaf, dims, any_rank=True) and leaf.axis == 0
           and getattr(leaf.fmt, "kind", None) in ("int", "float", "levels")
           and leaf.fmt.bits <= 8):
     return None
+  scale = leaf.scale_values()
+  rest = tuple(leaf.shape[1:])
   offset, lut = _code_table(leaf.fmt)
-  args = (x, leaf.codes, leaf.scale_values(), leaf.zero)
+  codes = leaf.codes.reshape(leaf.codes.shape[0], -1)
+  args = (x, codes, _as_matrix(scale, rest), _as_matrix(leaf.zero, rest))
   kw = dict(bits=leaf.fmt.bits, k=leaf.shape[0], offset=offset,
             out_dtype=out_dtype)
   choice = _kernel_choice()
   if (choice == "pallas" and lut is None
       and leaf.fmt.bits in pallas_qmm.SUPPORTED_BITS):
-    return pallas_qmm.quantized_matmul(*args, **kw)
-  if choice == "reference" or (choice == "pallas" and
-                               jax.default_backend() != "cpu"):
-    return reference.quantized_matmul(*args, lut=lut, **kw)
-  return xla_matmul.quantized_matmul(*args, lut=lut, **kw)
+    y = pallas_qmm.quantized_matmul(*args, **kw)
+  elif choice == "reference" or (choice == "pallas" and
+                                 jax.default_backend() != "cpu"):
+    y = reference.quantized_matmul(*args, lut=lut, **kw)
+  else:
+    y = xla_matmul.quantized_matmul(*args, lut=lut, **kw)
+  return y.reshape(x.shape[:-1] + rest)
 
 
 def _lowrank_dot(x, leaf: LowRank, dims, out_dtype):

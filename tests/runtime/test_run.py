@@ -115,12 +115,22 @@ def test_qarray_matmul_rule_does_not_materialize(monkeypatch, fmt, group,
   real = cj.QArray.materialize
 
   def boom(self):  # small scale arrays (mxfp4's E8M0) may be materialized
-    if tuple(self.shape) == (32, 16):
+    if tuple(self.shape) in ((32, 16), (32, 4, 4)):
       raise AssertionError("materialized")
     return real(self)
   monkeypatch.setattr(cj.QArray, "materialize", boom)
   y = jax.jit(lambda c, x: cj.apply(lambda t, x: x @ t["k"], c, x))(c, X)
   np.testing.assert_allclose(y, want, rtol=2e-5, atol=2e-5)
+  # an Einsum kernel (K, h, d) multiplies as the (K, h*d) matrix
+  w3 = {"k": jax.random.normal(jax.random.key(0), (32, 4, 4))}
+  c3 = cj.quantize(w3, format=fmt, group_size=group, symmetric=sym,
+                   default=lambda p, x: True)
+  monkeypatch.setattr(cj.QArray, "materialize", real)
+  want3 = jnp.einsum("bd,dhk->bhk", X, c3["k"].materialize())
+  monkeypatch.setattr(cj.QArray, "materialize", boom)
+  y3 = jax.jit(lambda c, x: cj.apply(
+      lambda t, x: jnp.einsum("bd,dhk->bhk", x, t["k"]), c, x))(c3, X)
+  np.testing.assert_allclose(y3, want3, rtol=2e-5, atol=2e-5)
 
 
 def test_grad_wrt_float_parts():
