@@ -15,8 +15,9 @@ kernel of shape (in_features, out_features), so each compression method
 
 With `mutable=["intermediates"]` the apply also returns each block's output
 (intermediates/block_{i}/hidden, (B, T, d_model)) and attention probabilities
-(intermediates/block_{i}/attn/attn, (B, n_heads, T, T)); otherwise the sows
-are no-ops (see `compressjax.train.distill.intermediates`).
+(intermediates/block_{i}/attn/attn, (B, n_heads, T, T); attention="xla"
+only, the Pallas kernel never forms them); otherwise the sows are no-ops (see
+`compressjax.train.distill.intermediates`).
 
     model = TransformerLM(TransformerConfig())
     variables = model.init(jax.random.key(0), tokens)   # tokens (B, T) int
