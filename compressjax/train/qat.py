@@ -1,0 +1,584 @@
+"""Quantization-aware training (QAT) of unmodified Flax models.
+
+Weights. LSQ (Esser et al. 2019, "Learned Step Size Quantization", Sec. 2):
+  v_bar = round(clip(v / s, -Q_N, Q_P))                             (eq. 1)
+  v_hat = v_bar * s                                                  (eq. 2)
+  d v_hat / d s = -v/s + round(v/s)   if -Q_N < v/s < Q_P
+                  -Q_N                if v/s <= -Q_N                 (eq. 3)
+                  Q_P                 if v/s >= Q_P
+  d v_hat / d v = 1 inside [-Q_N s, Q_P s], 0 outside (straight-through
+  estimator clipped to the range), the step gradient scaled by
+  g = 1 / sqrt(N_w Q_P) (Sec. 2.2), initial step s = 2 mean|v| / sqrt(Q_P).
+On the edges v/s = -Q_N, Q_P the weight keeps gradient 1 (so the absmax
+weight of a PTQ step can still move) and the step gets eq. 3's -Q_N, Q_P.
+Steps are per tensor, per output channel or per group of `group_size` along
+the input axis, exactly the grouping of `quantize_array`; N_w is the number of
+weights sharing one step. Every element format of `compressjax.formats` is
+supported with the same estimator: round(.) is the format's own rounding
+(int: to the integer grid; fp8/fp6/fp4: saturate then nearest-even; nf4,
+ternary, binary: nearest level) and [-Q_N, Q_P] is its code range (int
+symmetric [-2^(b-1), 2^(b-1)-1]; asymmetric [-z, 2^b-1-z] with the zero point
+z of RTN, kept fixed, Q_P = 2^b - 1 in g; others [-max, max], Q_P = max). So
+non-integer formats train a learned scale with the STE; their step (and that
+of asymmetric int) starts from the format's PTQ scale rule, not LSQ's init,
+which assumes a uniform grid. weight="ste" keeps the PTQ step fixed.
+
+Activations. PACT (Choi et al. 2018, "PACT: Parameterized Clipping
+Activation", Sec. 2): y = clip(x, 0, alpha), quantized to k bits with the
+static scale alpha / (2^k - 1); d y_q / d alpha = 1 where x >= alpha (STE
+through the rounding, eq. 3), with an L2 penalty on alpha (`pact_penalty`).
+The inputs of a matmul are signed in general, so `act="pact"` defaults to the
+symmetric variant clip(x, -alpha, alpha), scale alpha / (2^(k-1) - 1),
+d/d alpha = sign(x) where |x| >= alpha (`act_signed=False`: PACT as
+published, for inputs that follow a ReLU). `act="int8"` (or fp8) is dynamic
+per-token fake quantization with an identity STE, as a W8A8 (SmoothQuant)
+deployment computes it. Either runs on plain matmuls x @ W of 2-D kernels,
+exactly where InputTransform quantizes its input; other uses of the kernel
+see the fake-quantized weight only.
+
+Plumbing. `qat(...)` is a Transform (same rules as `transforms.quantize`) that
+turns each selected kernel into a `FakeQuant` leaf whose float children (the
+float32 latent weight, the step, PACT's alpha) are what `jax.grad` of a loss of
+`compressjax.run(model, tree, x)` differentiates; its dot rule fake-quantizes
+the matmul input, its `materialize()` is the fake-quantized weight (also
+differentiable, wherever the interpreter densifies the leaf). The asymmetric
+zero point is an integer child: take gradients w.r.t.
+`cj.partition_float(tree)[0]` there. `from_ptq` starts from a PTQ result
+(e.g. GPTQ) and reproduces it exactly at step 0; `export` turns every
+FakeQuant into the leaf PTQ would produce: a QArray (weight only), an
+InputTransform(act="int8") around it (W8A8), or for PACT a `PactInput` (below)
+around it, since no PTQ leaf clips activations with a learned static range.
+Their outputs equal the fake-quant forward up to float summation order; the
+QArray codes/scale/zero are bit-exact.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import layout
+from compressjax import transform as T
+from compressjax.core.base import (CompressedLeaf, compressed_leaf,
+                                   is_concrete, materialize)
+from compressjax.core.errors import CompressionError
+from compressjax.core.input_transform import InputTransform
+from compressjax.core.qarray import QArray, apply_groups
+from compressjax.core.rules import Predicate, RuleLike, default_filter
+from compressjax.core.tree import INPUT_AXIS, leaves_with_paths, map_with_paths
+from compressjax.formats import activations
+from compressjax.formats.float import FloatFormat
+from compressjax.formats.integer import IntFormat
+from compressjax.formats.levels import LevelsFormat
+from compressjax.quantize.rtn import (_scale_reduce, check_quant_config,
+                                      quantize_array, resolve_format)
+from compressjax.runtime import dispatch
+
+WEIGHT_MODES = ("lsq", "ste")
+ACTS = (None, "int8", "fp8_e4m3", "fp8_e5m2", "pact")
+STEP_INITS = ("lsq", "ptq")
+# Initial clip: wide, so training starts near the float model; the alpha
+# gradient (x >= alpha) and the L2 penalty then pull it in.
+PACT_ALPHA_INIT = 10.0
+_QUANT_KEYS = ("bits", "format", "group_size", "symmetric", "per_tensor",
+               "axis")
+
+
+# -- the estimators ----------------------------------------------------------
+
+def code_range(fmt) -> tuple[float, float]:
+  """[lo, hi] of the format's code domain (before a zero point)."""
+  if isinstance(fmt, IntFormat):
+    return float(fmt.qmin), float(fmt.qmax)
+  if isinstance(fmt, LevelsFormat):
+    return float(min(fmt.levels)), float(max(fmt.levels))
+  return -float(fmt.max_value), float(fmt.max_value)
+
+
+def q_p(fmt) -> float:
+  """LSQ's Q_P, the positive code range, for the gradient scale g."""
+  if isinstance(fmt, IntFormat):
+    return float(fmt.qmax - (0 if fmt.symmetric else fmt.qmin))
+  return code_range(fmt)[1]
+
+
+def grad_scale(fmt, shape, step_shape) -> float:
+  """g = 1 / sqrt(N_w Q_P), N_w = weights per step (Esser et al., Sec. 2.2)."""
+  n = math.prod(shape) // max(math.prod(step_shape), 1)
+  return 1.0 / math.sqrt(max(n, 1) * q_p(fmt))
+
+
+def _reduce_to(x, shape, axis: int):
+  """Sums x over the elements that share one entry of a step of `shape`."""
+  n, g = x.shape[axis], shape[axis]
+  if g not in (1, n):
+    x = x.reshape(x.shape[:axis] + (g, n // g) + x.shape[axis + 1:])
+    x = x.sum(axis + 1)
+  red = tuple(d for d, k in enumerate(shape) if k == 1 and x.shape[d] != 1)
+  return x.sum(red, keepdims=True).reshape(shape)
+
+
+def _fq_parts(v, s, z, fmt, axis):
+  # The exact op sequence of quantize_array + QArray.materialize, so the
+  # forward is PTQ's numbers bit for bit.
+  u = apply_groups(v, s, axis, lambda a, b: a / b)
+  y = u if z is None else apply_groups(u, z, axis, lambda a, b: a + b)
+  c = fmt.round(y)
+  q = c if z is None else apply_groups(c, z, axis, lambda a, b: a - b)
+  return u, y, c, q
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _fake_quant(v, s, z, fmt, axis, g):
+  _, _, _, q = _fq_parts(v, s, z, fmt, axis)
+  return apply_groups(q, s, axis, lambda a, b: a * b)
+
+
+def _fake_quant_fwd(v, s, z, fmt, axis, g):
+  u, y, _, q = _fq_parts(v, s, z, fmt, axis)
+  return apply_groups(q, s, axis, lambda a, b: a * b), (u, y, q, s, z)
+
+
+def _fake_quant_bwd(fmt, axis, g, res, ct):
+  u, y, q, s, z = res
+  lo, hi = code_range(fmt)
+  dv = jnp.where((y >= lo) & (y <= hi), ct, 0.0)  # clipped STE
+  # eq. 3: q - u strictly inside; outside (and on the edge) q is -Q_N or Q_P
+  ds = _reduce_to(ct * jnp.where((y > lo) & (y < hi), q - u, q), s.shape,
+                  axis) * g
+  return dv, ds, None if z is None else jnp.zeros_like(z)
+
+
+_fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
+
+
+def fake_quant(v, step, fmt, *, zero=None, axis: int = INPUT_AXIS,
+               g: float = 1.0):
+  """LSQ fake quantization (eq. 1-2) of float32 `v` with `step` grouped along
+  `axis` as in QArray; gradients per eq. 3 (step gradient times g) and the
+  clipped STE. `zero` (integer) shifts the code range of asymmetric ints."""
+  z = None if zero is None else zero.astype(jnp.float32)
+  return _fake_quant(jnp.asarray(v, jnp.float32),
+                     jnp.asarray(step, jnp.float32), z, fmt,
+                     axis % max(jnp.ndim(v), 1), float(g))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _per_token(x, fmt: str, axis: int):
+  return activations.fake_quant(x, fmt, axis)
+
+
+def _per_token_fwd(x, fmt, axis):
+  return activations.fake_quant(x, fmt, axis), None
+
+
+def _per_token_bwd(fmt, axis, res, ct):
+  return (ct,)  # per-token absmax never clips: identity STE
+
+
+_per_token.defvjp(_per_token_fwd, _per_token_bwd)
+
+
+def per_token_fake_quant(x, format: str = "int8", axis: int = -1):
+  """Dynamic per-token quantize-dequantize (`formats.activations`) with an
+  identity straight-through gradient."""
+  return _per_token(x, format, axis % x.ndim)
+
+
+def _pact_levels(bits: int, signed: bool) -> int:
+  return 2**(bits - 1) - 1 if signed else 2**bits - 1
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _pact(x, alpha, bits, signed):
+  lo = -alpha if signed else jnp.zeros_like(alpha)
+  sc = alpha / _pact_levels(bits, signed)
+  return jnp.round(jnp.clip(x, lo, alpha) / sc) * sc
+
+
+def _pact_fwd(x, alpha, bits, signed):
+  return _pact(x, alpha, bits, signed), (x, alpha)
+
+
+def _pact_bwd(bits, signed, res, ct):
+  x, alpha = res
+  lo = -alpha if signed else jnp.zeros_like(alpha)
+  dx = jnp.where((x > lo) & (x < alpha), ct, 0.0)
+  da = jnp.sum(jnp.where(x >= alpha, ct, 0.0))  # PACT eq. 3
+  if signed:
+    da = da - jnp.sum(jnp.where(x <= -alpha, ct, 0.0))
+  return dx, da.reshape(alpha.shape)
+
+
+_pact.defvjp(_pact_fwd, _pact_bwd)
+
+
+def pact(x, alpha, bits: int = 8, signed: bool = False):
+  """PACT activation quantizer (Choi et al. 2018, eq. 1-3): clip(x, 0, alpha)
+  (signed: clip(x, -alpha, alpha)) on a k-bit grid of step
+  alpha / (2^k - 1) (signed: alpha / (2^(k-1) - 1)); alpha must stay > 0."""
+  out = _pact(jnp.asarray(x).astype(jnp.float32),
+              jnp.asarray(alpha, jnp.float32), int(bits), bool(signed))
+  return out.astype(jnp.asarray(x).dtype)
+
+
+# -- the leaves --------------------------------------------------------------
+
+def _plain_matmul(x, leaf, dims) -> bool:
+  """x (..., K) contracted with axis 0 of a 2-D weight: the only case where
+  InputTransform quantizes its input, so training matches deployment."""
+  (lc, rc), (lb, rb) = dims
+  return (leaf.ndim == 2 and tuple(lc) == (x.ndim - 1,) and tuple(rc) == (0,)
+          and not lb and not rb)
+
+
+@compressed_leaf
+class FakeQuant(CompressedLeaf):
+  """A kernel under QAT. Children: float32 latent `weight`, float32 `step`
+  (QArray scale layout), integer `zero` (asymmetric int only) and PACT's
+  scalar `alpha`; the rest is static config."""
+
+  data_fields = ("weight", "step", "zero", "alpha")
+  meta_fields = ("shape", "dtype", "fmt", "axis", "mode", "g", "act",
+                 "act_bits", "act_signed")
+
+  weight: Any
+  step: Any
+  zero: Any
+  alpha: Any
+  shape: tuple[int, ...]
+  dtype: str
+  fmt: Any
+  axis: int
+  mode: str  # "lsq": step learned; "ste": step fixed
+  g: float  # LSQ step-gradient scale
+  act: str | None
+  act_bits: int
+  act_signed: bool
+
+  def fake_weight(self):
+    """float32 fake-quantized weight (eq. 1-2), differentiable."""
+    s = self.step if self.mode == "lsq" else jax.lax.stop_gradient(self.step)
+    return fake_quant(self.weight, s, self.fmt, zero=self.zero,
+                      axis=self.axis, g=self.g)
+
+  def materialize(self) -> jax.Array:
+    return self.fake_weight().astype(self.dtype)
+
+  def quantize_input(self, x):
+    """The activation fake-quant applied to this weight's matmul input."""
+    if self.act is None:
+      return x
+    if self.act == "pact":
+      return pact(x, self.alpha, self.act_bits, self.act_signed)
+    return per_token_fake_quant(x, self.act)
+
+  def validate(self) -> None:
+    shape, axis = tuple(self.shape), self.axis
+    self._expect("weight", self.weight, shape, kind="f")
+    self._expect("step", self.step, kind="f")
+    if self.step.ndim != len(shape) or not 0 <= axis < max(len(shape), 1):
+      self._fail(f"step rank {self.step.ndim} / axis {axis} do not fit shape "
+                 f"{shape}")
+    for d, (n, s) in enumerate(zip(shape, self.step.shape)):
+      if not (s in (1, n) or (d == axis and n % s == 0)):
+        self._fail(f"step dim {d} has size {s}, which is neither 1, {n}, nor "
+                   f"a group count dividing {n} along axis {axis}")
+    if self.zero is not None:
+      self._expect("zero", self.zero, tuple(self.step.shape), kind="iu")
+    if self.mode not in WEIGHT_MODES:
+      self._fail(f"mode {self.mode!r} is not one of {WEIGHT_MODES}")
+    if self.act not in ACTS:
+      self._fail(f"act {self.act!r} is not one of {ACTS}")
+    if (self.act == "pact") != (self.alpha is not None):
+      self._fail("alpha must be given exactly when act='pact'")
+    if self.alpha is not None:
+      self._expect("alpha", self.alpha, (), kind="f")
+      if is_concrete(self.alpha) and not float(self.alpha) > 0:
+        self._fail(f"PACT alpha must be positive, got {float(self.alpha)}")
+    super().validate()
+
+
+@compressed_leaf
+class PactInput(CompressedLeaf):
+  """Export of a PACT-trained kernel: y = pact(x, alpha) @ weight, where
+  `weight` is any compressed leaf (a QArray from `export`) and the input is
+  clipped to [0, alpha] ([-alpha, alpha] when `signed`) and rounded to
+  `bits` with the static step alpha / (2^bits - 1) (signed: 2^(bits-1) - 1).
+  Like InputTransform, materialize() is the weight: the input quantizer only
+  exists on the matmul path."""
+
+  data_fields = ("weight", "alpha")
+  meta_fields = ("bits", "signed", "shape", "dtype")
+
+  weight: Any
+  alpha: Any
+  bits: int
+  signed: bool
+  shape: tuple[int, ...]
+  dtype: str
+
+  def materialize(self) -> jax.Array:
+    return materialize(self.weight).astype(self.dtype)
+
+  def validate(self) -> None:
+    if len(self.shape) != 2:
+      self._fail(f"needs a 2-D (in, out) weight, got shape {self.shape}")
+    self._expect("weight", self.weight, tuple(self.shape))
+    self._expect("alpha", self.alpha, (), kind="f")
+    if not 2 <= self.bits <= 8:
+      self._fail(f"bits must be in [2, 8], got {self.bits}")
+    super().validate()
+
+
+def _fake_quant_dot(x, leaf: FakeQuant, dims, out_dtype):
+  if leaf.act is None or not _plain_matmul(x, leaf, dims):
+    return None  # the dispatcher multiplies by materialize()
+  y = jax.lax.dot_general(leaf.quantize_input(x.astype(jnp.float32)),
+                          leaf.fake_weight(), dims,
+                          preferred_element_type=jnp.float32)
+  return y.astype(out_dtype)
+
+
+def _pact_input_dot(x, leaf: PactInput, dims, out_dtype):
+  if not _plain_matmul(x, leaf, dims):
+    return None
+  xq = pact(x.astype(jnp.float32), leaf.alpha, leaf.bits, leaf.signed)
+  y = dispatch.dot_general(xq, leaf.weight, dims, lhs_leaf=False,
+                           dtype=jnp.float32,
+                           preferred_element_type=jnp.float32)
+  return y.astype(out_dtype)
+
+
+dispatch.register_dot_rule(FakeQuant, _fake_quant_dot)
+dispatch.register_dot_rule(PactInput, _pact_input_dot)
+
+
+# -- building, starting from PTQ, exporting ----------------------------------
+
+def _check_train_cfg(path: str, shape, cfg) -> None:
+  """Step mode and activation options (the weight format aside)."""
+  mode = cfg.get("weight", "lsq")
+  if mode not in WEIGHT_MODES:
+    raise CompressionError(f"qat weight={mode!r}: use one of {WEIGHT_MODES}",
+                           path)
+  if cfg.get("step_init", "lsq") not in STEP_INITS:
+    raise CompressionError(f"qat step_init={cfg.get('step_init')!r}: use one "
+                           f"of {STEP_INITS}", path)
+  act = cfg.get("act")
+  if act not in ACTS:
+    raise CompressionError(f"qat act={act!r}: use one of {ACTS}", path)
+  if act is not None and len(shape) != 2:
+    raise CompressionError(
+        f"activation quantization needs a 2-D (in, out) kernel, got shape "
+        f"{tuple(shape)}; add a rule with act=None for this param", path)
+  if act == "pact":
+    bits = cfg.get("act_bits", 8)
+    if not isinstance(bits, int) or not 2 <= bits <= 8:
+      raise CompressionError(f"act_bits must be in [2, 8], got {bits}", path)
+    if not float(cfg.get("act_alpha", PACT_ALPHA_INIT)) > 0:
+      raise CompressionError(f"act_alpha must be positive, got "
+                             f"{cfg.get('act_alpha')}", path)
+
+
+def _check_cfg(path: str, shape, cfg) -> None:
+  _check_train_cfg(path, shape, cfg)
+  fmt = resolve_format(cfg, path)
+  if isinstance(fmt, str):
+    raise CompressionError(
+        f"qat supports element formats (int2..int8, fp8/fp6/fp4, nf4, "
+        f"ternary, binary), not the block-scale scheme {fmt}; quantize this "
+        "param with PTQ or skip it with a rule", path)
+  check_quant_config(path, shape, {k: cfg[k] for k in _QUANT_KEYS if k in cfg})
+
+
+def _make(path, weight, step, zero, shape, dtype, fmt, axis, cfg):
+  act = cfg.get("act")
+  alpha = None
+  if act == "pact":
+    alpha = jnp.asarray(cfg.get("act_alpha", PACT_ALPHA_INIT), jnp.float32)
+  return FakeQuant(
+      weight=weight, step=step, zero=zero, alpha=alpha, shape=tuple(shape),
+      dtype=jnp.dtype(dtype).name, fmt=fmt, axis=axis,
+      mode=cfg.get("weight", "lsq"),
+      g=grad_scale(fmt, tuple(shape), tuple(step.shape)), act=act,
+      act_bits=int(cfg.get("act_bits", 8)),
+      act_signed=bool(cfg.get("act_signed", True)))
+
+
+def fake_quant_leaf(w, bits: int = 4, *, path: str = "<array>",
+                    **cfg) -> FakeQuant:
+  """FakeQuant for float kernel `w` (config keys as `qat`). The step is the
+  PTQ (`quantize_array`) scale, or LSQ's 2 mean|v| / sqrt(Q_P) per group for
+  weight="lsq" with step_init="lsq" on symmetric integer formats."""
+  cfg = dict(cfg, bits=bits)
+  _check_cfg(path, w.shape, cfg)
+  qcfg = {k: cfg[k] for k in _QUANT_KEYS if k in cfg}
+  ptq = quantize_array(w, path=path, **qcfg)
+  fmt, axis = ptq.fmt, ptq.axis
+  step, zero = ptq.scale.astype(jnp.float32), ptq.zero
+  v = jnp.asarray(w, jnp.float32)
+  if (cfg.get("weight", "lsq") == "lsq" and cfg.get("step_init", "lsq") ==
+      "lsq" and isinstance(fmt, IntFormat) and fmt.symmetric):
+    gs = cfg.get("group_size")
+    groups = 1 if gs is None else w.shape[axis] // gs
+    m = _scale_reduce(jnp.abs(v), jnp.mean, axis, groups,
+                      bool(cfg.get("per_tensor", False)))
+    step = 2.0 * m / math.sqrt(q_p(fmt))
+    step = jnp.where(step > 0, step, 1.0)  # all-zero group: any step is exact
+  return _make(path, v, step, zero, w.shape, w.dtype, fmt, axis, cfg)
+
+
+def _unwrap_ptq(path, leaf):
+  """(QArray, act) of a PTQ leaf QAT can start from, else (None, None)."""
+  act = None
+  if isinstance(leaf, InputTransform):
+    if leaf.scale is not None or leaf.signs is not None:
+      raise CompressionError(
+          "cannot start QAT from an InputTransform with an input scale or "
+          "rotation (unfolded AWQ/SmoothQuant scale, online Hadamard): QAT "
+          "has no input transform; fold it first or skip this param", path)
+    leaf, act = leaf.weight, leaf.act
+  if not isinstance(leaf, QArray):
+    return None, None
+  if leaf.scale is None or isinstance(leaf.scale, CompressedLeaf) or (
+      not isinstance(leaf.fmt, (IntFormat, FloatFormat, LevelsFormat))):
+    raise CompressionError(
+        "cannot start QAT from a QArray whose scale is itself compressed "
+        "(double quantization, microscaling): QAT learns plain float steps; "
+        "re-quantize this param without double_quant / MX or skip it", path)
+  return leaf, act
+
+
+def _from_qarray(path, qa: QArray, act, cfg):
+  cfg = dict(cfg)
+  if cfg.get("act") is None:
+    cfg["act"] = act
+  _check_train_cfg(path, qa.shape, cfg)
+  # The latent weight is the dequantized PTQ weight in float32 (not cast to
+  # the param dtype), so rounding it with the same step gives back its codes.
+  latent = apply_groups(qa.code_values(), qa.scale_values(), qa.axis,
+                        lambda a, b: a * b)
+  return _make(path, latent, qa.scale_values(), qa.zero, qa.shape, qa.dtype,
+               qa.fmt, qa.axis, cfg)
+
+
+def from_ptq(qtree: Any, *, weight: str = "lsq", act: str | None = None,
+             act_bits: int = 8, act_signed: bool = True,
+             act_alpha: float = PACT_ALPHA_INIT) -> Any:
+  """FakeQuant leaves from a PTQ result (RTN, GPTQ, AWQ, SmoothQuant W8A8):
+  latent = the dequantized weight, step = the PTQ scale (zero point kept), so
+  QAT's step 0 is the PTQ model. InputTransform(act=...) leaves keep their
+  activation quantizer unless `act` is given. Other leaves pass through."""
+  cfg = dict(weight=weight, act=act, act_bits=act_bits, act_signed=act_signed,
+             act_alpha=act_alpha)
+
+  def one(path, leaf):
+    qa, a = _unwrap_ptq(path, leaf)
+    return leaf if qa is None else _from_qarray(path, qa, a, cfg)
+  return map_with_paths(one, qtree)
+
+
+def qat(bits: int = 4, *, format: str | None = None,
+        group_size: int | None = None, symmetric: bool = True,
+        per_tensor: bool = False, axis: int | None = None,
+        weight: str = "lsq", step_init: str = "lsq", act: str | None = None,
+        act_bits: int = 8, act_signed: bool = True,
+        act_alpha: float = PACT_ALPHA_INIT, init: Any = None,
+        rules: Sequence[RuleLike] | None = None,
+        default: Predicate | None = default_filter) -> T.Transform:
+  """QAT transform: selected kernels become FakeQuant leaves.
+
+  Args:
+    bits, format, group_size, symmetric, per_tensor, axis: the weight format
+      and step grouping, as `transforms.quantize`.
+    weight: "lsq" (learned step, eq. 3) or "ste" (fixed PTQ step).
+    step_init: "lsq" (2 mean|v| / sqrt(Q_P), symmetric int) or "ptq".
+    act: None, "int8" / "fp8_e4m3" / "fp8_e5m2" (dynamic per token, STE) or
+      "pact" (learned clip alpha, `act_bits`, `act_signed`, init `act_alpha`).
+    init: a PTQ tree of the same params (e.g. GPTQ's); its QArrays give the
+      latent weights, formats and steps of the paths they cover.
+    rules: per-path overrides, e.g. `[(r"params/head/kernel", dict(bits=8))]`.
+  """
+  base = dict(bits=bits, format=format, group_size=group_size,
+              symmetric=symmetric, per_tensor=per_tensor, axis=axis,
+              weight=weight, step_init=step_init, act=act, act_bits=act_bits,
+              act_signed=act_signed, act_alpha=act_alpha)
+  start = {} if init is None else dict(leaves_with_paths(init))
+
+  def check(path, leaf, cfg):
+    if isinstance(leaf, CompressedLeaf):
+      raise CompressionError(
+          f"param is already a {type(leaf).__name__}; QAT starts from float "
+          "kernels (use from_ptq or qat(init=ptq_tree) for PTQ results)", path)
+    _check_cfg(path, leaf.shape, cfg)
+
+  def leaf_fn(path, leaf, cfg, state):
+    qa, a = _unwrap_ptq(path, start.get(path))
+    if qa is None:
+      return fake_quant_leaf(leaf, path=path, **cfg)
+    if tuple(qa.shape) != tuple(leaf.shape):
+      raise CompressionError(f"init has shape {tuple(qa.shape)}, the param "
+                             f"{tuple(leaf.shape)}; pass the PTQ result of "
+                             "these params", path)
+    return _from_qarray(path, qa, a, cfg)
+
+  return T.leaf_transform("qat", base, leaf_fn, check, rules, default)
+
+
+def export_leaf(leaf: FakeQuant, path: str = "<array>"):
+  """The PTQ leaf a FakeQuant deploys as (see module docstring)."""
+  v = jnp.asarray(leaf.weight, jnp.float32)
+  s = jnp.asarray(leaf.step, jnp.float32)
+  z = None if leaf.zero is None else leaf.zero.astype(jnp.float32)
+  _, _, c, _ = _fq_parts(v, s, z, leaf.fmt, leaf.axis)
+  stored = leaf.fmt.encode(c)
+  codes = (layout.pack(stored, leaf.fmt.bits, leaf.axis)
+           if leaf.fmt.bits < 8 else stored)
+  qa = QArray(codes=codes, scale=s, zero=leaf.zero, shape=tuple(leaf.shape),
+              dtype=leaf.dtype, fmt=leaf.fmt, axis=leaf.axis)
+  if leaf.act is None:
+    return qa
+  if len(leaf.shape) != 2:
+    raise CompressionError(
+        f"cannot export activation quantization {leaf.act!r} of a "
+        f"{len(leaf.shape)}-D kernel (InputTransform is 2-D)", path)
+  if leaf.act == "pact":
+    return PactInput(weight=qa, alpha=jnp.asarray(leaf.alpha, jnp.float32),
+                     bits=leaf.act_bits, signed=leaf.act_signed,
+                     shape=tuple(leaf.shape), dtype=leaf.dtype)
+  return InputTransform(weight=qa, scale=None, signs=None, block=0,
+                        act=leaf.act, shape=tuple(leaf.shape),
+                        dtype=leaf.dtype)
+
+
+def export(tree: Any) -> Any:
+  """Every FakeQuant -> its deployable leaf (QArray, InputTransform(act) or
+  PactInput around the QArray); other leaves unchanged."""
+  def one(path, leaf):
+    if not isinstance(leaf, FakeQuant):
+      return leaf
+    out = export_leaf(leaf, path)
+    if all(is_concrete(x) for x in jax.tree.leaves(out)):
+      out.validate()
+    return out
+  return map_with_paths(one, tree)
+
+
+def pact_penalty(tree: Any, coeff: float) -> jax.Array:
+  """L2 regularizer coeff * sum(alpha^2) over PACT leaves (Choi et al., Sec. 2),
+  to add to the loss."""
+  alphas = [leaf.alpha for _, leaf in leaves_with_paths(tree)
+            if isinstance(leaf, FakeQuant) and leaf.alpha is not None]
+  if not alphas:
+    return jnp.zeros((), jnp.float32)
+  return coeff * sum(jnp.sum(jnp.square(a)) for a in alphas)
+
+
+__all__ = ["ACTS", "FakeQuant", "PactInput", "export", "export_leaf",
+           "fake_quant", "fake_quant_leaf", "from_ptq", "grad_scale",
+           "pact", "pact_penalty", "per_token_fake_quant", "qat"]
