@@ -68,6 +68,24 @@ def get_config() -> ml_collections.ConfigDict:
   c.calib.batches = 16
   c.calib.batch_size = 16
 
+  # Training rows (experiments/train_lm.py recipes), from the float model:
+  # adam, warmup then cosine; the same budget for every recipe.
+  c.finetune = ml_collections.ConfigDict()
+  c.finetune.steps = 200
+  c.finetune.batch_size = 8
+  c.finetune.learning_rate = 5e-4
+  c.finetune.warmup = 20
+  c.finetune.end_lr_fraction = 0.1
+  c.finetune.grad_clip = 1.0
+  c.finetune.log_every = 100
+  c.finetune.temperature = 2.0     # distillation: KD temperature
+  c.finetune.alpha = 0.9           # weight of the KD term vs hard labels
+  c.finetune.update_every = 25     # RigL/SET mask updates, GMP pruning
+  c.finetune.end_fraction = 0.75   # masks frozen for the last 25% of steps
+  c.finetune.drop_fraction = 0.3   # RigL/SET, cosine-decayed
+  c.finetune.distribution = "uniform"  # layer densities: uniform | erk
+  c.finetune.high_sparsity = 0.9   # rigl_90 / gmp_90
+
   # Rows of the table, in order: keys of experiments.compress_lm.METHODS.
   c.methods = ("float32,int8,int4_g128,unstructured_50,nm_2_4,lowrank,"
                "nm_2_4+int4,int3_g128,int2_g64,ternary,nf4,fp8_e4m3,mxfp4,"
@@ -76,5 +94,6 @@ def get_config() -> ml_collections.ConfigDict:
                "sparsegpt_2_4+int4,wanda_50,wanda_2_4,asvd,svd_llm,"
                "svd_llm+int4_res,awq_int4_g128,awq_int3_g128,"
                "smoothquant_w8a8,rotation_gptq_int4_g128,"
-               "rotation_gptq_int3_g128")
+               "rotation_gptq_int3_g128,qat_int4_g128,qat_ternary,kd_2_4,"
+               "rigl_90,gmp_90")
   return c

@@ -25,4 +25,8 @@ def get_config():
   c.eval.max_batches = 4
   c.quant.group_size = 32
   c.quant.small_group_size = 32
+  c.finetune.steps = 4
+  c.finetune.warmup = 1
+  c.finetune.update_every = 1
+  c.finetune.log_every = 2
   return c

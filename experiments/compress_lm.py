@@ -46,6 +46,7 @@ from compressjax.core.rules import default_filter
 from compressjax.core.tree import leaves_with_paths
 from compressjax.data import stdlib_text
 from compressjax.models import transformer
+from experiments import train_lm
 
 Config = ml_collections.ConfigDict
 
@@ -67,7 +68,8 @@ METRIC = "val_ppl"
 
 def method(build: Callable[..., cj.Transform], description: str,
            calibrated: bool = False, sequential: bool = False,
-           with_model: bool = False) -> Callable[..., cj.Transform]:
+           with_model: bool = False, trained: bool = False
+           ) -> Callable[..., cj.Transform]:
   """Tags a transform builder with a description (formatted with c=config).
 
   A calibrated builder is called as build(c, stats) with the per-layer
@@ -77,7 +79,10 @@ def method(build: Callable[..., cj.Transform], description: str,
   calibrated on the outputs of the compressed blocks before it. Others are
   called as build(c). with_model=True builders are called as
   build(c, stats, model, batches) (e.g. rotate, recalibrate, then GPTQ).
+  trained=True builders are training recipes (experiments/train_lm.py),
+  called as build(c, model, baseline, train_data, workdir, log) -> tree.
   """
+  build.trained = trained
   build.description = description
   build.calibrated = calibrated or sequential or with_model
   build.sequential = sequential
@@ -297,6 +302,42 @@ METHODS: dict[str, Callable[[Config], cj.Transform]] = {
             rules=_head_rules(c)),
         "randomized Hadamard then GPTQ int3, groups of "
         "{c.quant.group_size}{head}", with_model=True),
+    "qat_int4_g128": method(
+        lambda c, *a, **k: train_lm.qat_recipe(
+            c, *a, name="qat_int4_g128", bits=c.quant.bits,
+            group_size=c.quant.group_size, rules=_head_rules(c), **k)[0],
+        "QAT (LSQ steps, straight-through) int{c.quant.bits} g"
+        "{c.quant.group_size}, {c.finetune.steps} steps from the float "
+        "model, exported to QArray{head}", trained=True),
+    "qat_ternary": method(
+        lambda c, *a, **k: train_lm.qat_recipe(
+            c, *a, name="qat_ternary", format="ternary",
+            rules=_head_rules(c), **k)[0],
+        "QAT ternary per channel (learned scale), {c.finetune.steps} steps"
+        "{head}", trained=True),
+    "kd_2_4": method(
+        lambda c, *a, **k: train_lm.distill_recipe(
+            c, *a, name="kd_2_4", student=METHODS["nm_2_4"](c), **k)[0],
+        "magnitude {c.sparsity.n}:{c.sparsity.m}, kept values recovered by "
+        "logit distillation from the float model (T {c.finetune.temperature},"
+        " alpha {c.finetune.alpha}), {c.finetune.steps} steps{sparse_head}",
+        trained=True),
+    "rigl_90": method(
+        lambda c, *a, **k: train_lm.sparse_recipe(
+            c, *a, name="rigl_90", method="rigl",
+            sparsity=c.finetune.high_sparsity, rules=_sparse_rules(c),
+            **k)[0],
+        "RigL {c.finetune.high_sparsity:.0%} ({c.finetune.distribution}): "
+        "magnitude masks, then drop/regrow by gradient every "
+        "{c.finetune.update_every} steps, {c.finetune.steps} steps"
+        "{sparse_head}", trained=True),
+    "gmp_90": method(
+        lambda c, *a, **k: train_lm.sparse_recipe(
+            c, *a, name="gmp_90", method="gmp",
+            sparsity=c.finetune.high_sparsity, rules=_sparse_rules(c),
+            **k)[0],
+        "gradual magnitude pruning to {c.finetune.high_sparsity:.0%} (cubic "
+        "schedule), {c.finetune.steps} steps{sparse_head}", trained=True),
     "codebook3": method(
         lambda c: T.quantize(format="codebook3", group_size=c.quant.group_size,
                              rules=_head_rules(c)),
@@ -627,7 +668,9 @@ def run_experiment(config: Config, workdir: str,
       log(f"calibration: {c.calib.batches} x {c.calib.batch_size} windows "
           f"in {time.time() - t0:.1f}s")
     t0 = time.time()
-    if getattr(build, "sequential", False):
+    if getattr(build, "trained", False):
+      compressed = build(c, model, baseline, train_data, workdir, log=log)
+    elif getattr(build, "sequential", False):
       compressed = sequential(
           model, baseline, calib_batches,
           lambda stats: build(c, stats), progress=log)
