@@ -28,5 +28,6 @@ def get_config():
   c.finetune.steps = 4
   c.finetune.warmup = 1
   c.finetune.update_every = 1
+  c.finetune.prune_every = 1
   c.finetune.log_every = 2
   return c

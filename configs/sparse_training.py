@@ -13,7 +13,8 @@ from configs import default
 def get_config():
   c = default.get_config()
   c.finetune.steps = 1000
-  c.finetune.update_every = 100
+  c.finetune.update_every = 100   # the paper's settings for long runs
+  c.finetune.drop_fraction = 0.3
   c.recipe = ml_collections.ConfigDict()
   c.recipe.method = "rigl"   # rigl | set | gmp
   c.recipe.sparsity = 0.9

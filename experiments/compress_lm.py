@@ -302,6 +302,12 @@ METHODS: dict[str, Callable[[Config], cj.Transform]] = {
             rules=_head_rules(c)),
         "randomized Hadamard then GPTQ int3, groups of "
         "{c.quant.group_size}{head}", with_model=True),
+    "float32_ft": method(
+        lambda c, *a, **k: train_lm.float_recipe(
+            c, *a, name="float32_ft", **k)[0],
+        "control: the float model fine-tuned {c.finetune.steps} steps with "
+        "the training rows' optimizer and data (no compression)",
+        trained=True),
     "qat_int4_g128": method(
         lambda c, *a, **k: train_lm.qat_recipe(
             c, *a, name="qat_int4_g128", bits=c.quant.bits,

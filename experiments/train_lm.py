@@ -98,6 +98,16 @@ def _train(loss_fn, params, opt, c: Config, train_data, run_dir: str,
       keep=1, log_every=f.log_every, progress=lambda s: log("  " + s))
 
 
+def float_recipe(c: Config, model, baseline, train_data, workdir: str, *,
+                 name: str, log=print) -> tuple[Any, dict]:
+  """The control: the float model fine-tuned with the same budget, data and
+  optimizer as every recipe (the baseline's cosine schedule ends at 0.1x
+  its peak, so further training alone may still lower its perplexity)."""
+  res = _train(lm_loss(model), baseline, optimizer(c.finetune), c,
+               train_data, _run_dir(workdir, name, c, {}), log)
+  return res.params, _facts(res)
+
+
 def qat_recipe(c: Config, model, baseline, train_data, workdir: str, *,
                name: str, log=print, **qat_kw) -> tuple[Any, dict]:
   """LSQ QAT (weights, qat_kw like compressjax.train.qat.qat) initialized
@@ -138,21 +148,24 @@ def sparse_recipe(c: Config, model, baseline, train_data, workdir: str, *,
   common = dict(distribution=f.distribution, rules=rules)
   if method == "gmp":
     opt = sparse.gmp(inner, sparsity, end_step=end,
-                     update_every=f.update_every, **common)
+                     update_every=f.prune_every, **common)
   elif method in ("rigl", "set"):
     make = sparse.rigl if method == "rigl" else sparse.set_
+    # start from the trained model's largest weights, not random masks
     opt = make(inner, sparsity, end_step=end, update_every=f.update_every,
-               drop_fraction=f.drop_fraction, seed=c.seed, **common)
+               drop_fraction=f.drop_fraction, seed=c.seed,
+               mask_init="magnitude", **common)
   else:
     raise ValueError(f"unknown sparse method {method!r}: gmp, rigl or set")
   params = baseline
-  if method != "gmp":  # start at the target sparsity (magnitude masks)
+  if method != "gmp":  # start at the target sparsity
     params = jax.tree.map(np.asarray, sparse.masked_params(
         baseline, opt.init(baseline)))
   res = _train(lm_loss(model), params, opt, c, train_data,
                _run_dir(workdir, name, c, dict(method=method,
                                                 sparsity=sparsity,
-                                                rules=repr(rules))), log)
+                                                rules=repr(rules),
+                                                mask_init="magnitude")), log)
   return sparse.export(res.params, res.state.opt_state), _facts(res)
 
 

@@ -503,10 +503,16 @@ class SET(SparseUpdater):
   end_step: int = 1000
   update_every: int = 100
   drop_fraction: float = 0.3
+  # "random" (the papers: sparse training from scratch) or "magnitude" (the
+  # largest |w| of a trained model: dense-to-sparse fine-tuning)
+  mask_init: str = "random"
   name = "set"
 
   def __post_init__(self):
     _check_steps(self.name, end_step=self.end_step)
+    if self.mask_init not in ("random", "magnitude"):
+      raise CompressionError(f"{self.name} mask_init must be 'random' or "
+                             f"'magnitude', got {self.mask_init!r}")
     if self.update_every < 1 or not 0.0 <= self.drop_fraction <= 1.0:
       raise CompressionError(
           f"{self.name} needs update_every >= 1 and drop_fraction in [0, 1], "
@@ -521,11 +527,13 @@ class SET(SparseUpdater):
     return (step > 0) & (step % self.update_every == 0) & (step < self.end_step)
 
   def init_masks(self, params, specs, rng):
-    # random initial connectivity at each layer's density
+    # initial connectivity at each layer's density: random or by |w|
     def one(i, path, w):
       if path not in specs:
         return None
       k = w.size - round(specs[path].sparsity * w.size)
+      if self.mask_init == "magnitude":
+        return _topk_mask(jnp.abs(w.astype(jnp.float32)), k)
       r = jax.random.uniform(jax.random.fold_in(rng, i), w.shape)
       return _topk_mask(r, k)
     paths, leaves, treedef = _flatten(params)
@@ -662,26 +670,28 @@ def set_(inner: optax.GradientTransformation, sparsity: float, *,
          end_step: int, update_every: int = 100, drop_fraction: float = 0.3,
          distribution: str = "uniform",
          rules: Sequence[RuleLike] | None = None,
-         default: Predicate | None = default_filter, seed: int = 0
+         default: Predicate | None = default_filter, seed: int = 0,
+         mask_init: str = "random"
          ) -> optax.GradientTransformationExtraArgs:
   """SET around `inner` (see SET)."""
   return SET(sparsity=sparsity, distribution=distribution, rules=rules,
              default=default, seed=seed, end_step=end_step,
-             update_every=update_every,
-             drop_fraction=drop_fraction).wrap_optax(inner)
+             update_every=update_every, drop_fraction=drop_fraction,
+             mask_init=mask_init).wrap_optax(inner)
 
 
 def rigl(inner: optax.GradientTransformation, sparsity: float, *,
          end_step: int, update_every: int = 100, drop_fraction: float = 0.3,
          distribution: str = "uniform",
          rules: Sequence[RuleLike] | None = None,
-         default: Predicate | None = default_filter, seed: int = 0
+         default: Predicate | None = default_filter, seed: int = 0,
+         mask_init: str = "random"
          ) -> optax.GradientTransformationExtraArgs:
   """RigL around `inner` (see RigL)."""
   return RigL(sparsity=sparsity, distribution=distribution, rules=rules,
               default=default, seed=seed, end_step=end_step,
-              update_every=update_every,
-              drop_fraction=drop_fraction).wrap_optax(inner)
+              update_every=update_every, drop_fraction=drop_fraction,
+              mask_init=mask_init).wrap_optax(inner)
 
 
 def nm_srste(inner: optax.GradientTransformation, n: int = 2, m: int = 4, *,

@@ -210,13 +210,10 @@ def _tpu_params(semantics, interpret):
   return pltpu.CompilerParams(dimension_semantics=semantics)
 
 
-def _fwd_tpu(meta, qp, kp, vp, pm, cfg):
-  hm, idx, cnt, full, mid = meta
-  b, hq, lq, d = qp.shape
-  group = hq // kp.shape[1]
-  bq, bk = cfg.block_q, cfg.block_kv
-  steps = idx.shape[-1]
-  grid = (b, hq, lq // bq, steps)
+def _kv_walk_maps(group: int):
+  """BlockSpec index maps of the kernels that walk each (head, q block)'s
+  kv list (forward, dQ): q tile i, kv tile idx[head, i, j], partial-mask
+  tile mid[head, i, j]; scalar-prefetch operands follow the grid indices."""
 
   def q_map(b_, h, i, j, *_):
     return b_, h, i, 0
@@ -226,6 +223,19 @@ def _fwd_tpu(meta, qp, kp, vp, pm, cfg):
 
   def pm_map(b_, h, i, j, hm, idx, cnt, full, mid):
     return mid[hm[h], i, j], 0, 0
+
+  return q_map, kv_map, pm_map
+
+
+def _fwd_tpu(meta, qp, kp, vp, pm, cfg):
+  hm, idx, cnt, full, mid = meta
+  b, hq, lq, d = qp.shape
+  group = hq // kp.shape[1]
+  bq, bk = cfg.block_q, cfg.block_kv
+  steps = idx.shape[-1]
+  grid = (b, hq, lq // bq, steps)
+
+  q_map, kv_map, pm_map = _kv_walk_maps(group)
 
   kernel = functools.partial(_fwd_kernel_tpu, scale=cfg.scale,
                              soft_cap=cfg.soft_cap, steps=steps)
@@ -263,14 +273,7 @@ def _dq_tpu(meta, qp, kp, vp, dop, lse, delta, pm, cfg):
   bq, bk = cfg.block_q, cfg.block_kv
   steps = idx.shape[-1]
 
-  def q_map(b_, h, i, j, *_):
-    return b_, h, i, 0
-
-  def kv_map(b_, h, i, j, hm, idx, *_):
-    return b_, h // group, idx[hm[h], i, j], 0
-
-  def pm_map(b_, h, i, j, hm, idx, cnt, full, mid):
-    return mid[hm[h], i, j], 0, 0
+  q_map, kv_map, pm_map = _kv_walk_maps(group)
 
   kernel = functools.partial(_dq_kernel_tpu, scale=cfg.scale,
                              soft_cap=cfg.soft_cap, steps=steps)

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 from typing import Sequence
 
 import jax.numpy as jnp
@@ -216,45 +217,35 @@ class NumpyMask(Mask):
 
 
 @dataclasses.dataclass(frozen=True)
-class And(Mask):
+class _Binary(Mask):
+  """Elementwise combination `_op` of two masks of the same shape."""
+  a: Mask
+  b: Mask
+
+  def __post_init__(self):
+    if self.a.shape != self.b.shape:
+      raise ValueError(f"shape mismatch: {self.a.shape} vs {self.b.shape}")
+
+  @property
+  def shape(self):
+    return self.a.shape
+
+  def mask_fn(self, q_ids, kv_ids):
+    return self._op(self.a.mask_fn(q_ids, kv_ids),
+                    self.b.mask_fn(q_ids, kv_ids))
+
+  def to_dense(self):
+    return self._op(self.a.to_dense(), self.b.to_dense())
+
+
+class And(_Binary):
   """Elementwise conjunction of two masks of the same shape."""
-  a: Mask
-  b: Mask
-
-  def __post_init__(self):
-    if self.a.shape != self.b.shape:
-      raise ValueError(f"shape mismatch: {self.a.shape} vs {self.b.shape}")
-
-  @property
-  def shape(self):
-    return self.a.shape
-
-  def mask_fn(self, q_ids, kv_ids):
-    return self.a.mask_fn(q_ids, kv_ids) & self.b.mask_fn(q_ids, kv_ids)
-
-  def to_dense(self):
-    return self.a.to_dense() & self.b.to_dense()
+  _op = staticmethod(operator.and_)
 
 
-@dataclasses.dataclass(frozen=True)
-class Or(Mask):
+class Or(_Binary):
   """Elementwise disjunction of two masks of the same shape."""
-  a: Mask
-  b: Mask
-
-  def __post_init__(self):
-    if self.a.shape != self.b.shape:
-      raise ValueError(f"shape mismatch: {self.a.shape} vs {self.b.shape}")
-
-  @property
-  def shape(self):
-    return self.a.shape
-
-  def mask_fn(self, q_ids, kv_ids):
-    return self.a.mask_fn(q_ids, kv_ids) | self.b.mask_fn(q_ids, kv_ids)
-
-  def to_dense(self):
-    return self.a.to_dense() | self.b.to_dense()
+  _op = staticmethod(operator.or_)
 
 
 @dataclasses.dataclass(frozen=True)

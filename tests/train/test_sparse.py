@@ -144,6 +144,24 @@ def test_dst_constant_sparsity_and_drop_counts(cls):
   assert moved > 0
 
 
+@pytest.mark.parametrize("make", [S.rigl, S.set_])
+def test_magnitude_init_keeps_largest_weights(make):
+  """mask_init="magnitude" (dense-to-sparse fine-tuning) starts from each layer's
+  largest |w|; the default "random" does not."""
+  params = _params(3)
+  st = make(optax.sgd(0.1), 0.75, end_step=10, mask_init="magnitude").init(params)
+  for p, m in _kernels(S.find_state(st).masks).items():
+    w = np.abs(np.asarray(_kernels(params)[p]))
+    k = int(m.sum())
+    assert k == w.size - round(0.75 * w.size)
+    assert np.min(w[np.asarray(m)]) >= np.max(w[~np.asarray(m)])
+  rnd = S.find_state(make(optax.sgd(0.1), 0.75, end_step=10).init(params))
+  assert any(not np.array_equal(a, b) for a, b in zip(
+      jax.tree.leaves(rnd.masks), jax.tree.leaves(S.find_state(st).masks)))
+  with pytest.raises(cj.CompressionError, match="mask_init must be"):
+    make(optax.sgd(0.1), 0.75, end_step=10, mask_init="lottery")
+
+
 @pytest.mark.parametrize("inner", [optax.adam(1e-2),
                                    optax.sgd(0.1, momentum=0.9)])
 def test_rigl_regrows_top_gradient_and_resets_moments(inner):
