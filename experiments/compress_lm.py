@@ -323,7 +323,8 @@ METHODS: dict[str, Callable[[Config], cj.Transform]] = {
         "{head}", trained=True),
     "kd_2_4": method(
         lambda c, *a, **k: train_lm.distill_recipe(
-            c, *a, name="kd_2_4", student=METHODS["nm_2_4"](c), **k)[0],
+            c, *a, name="kd_2_4", student=METHODS["nm_2_4"](c),
+            student_name="nm_2_4", **k)[0],
         "magnitude {c.sparsity.n}:{c.sparsity.m}, kept values recovered by "
         "logit distillation from the float model (T {c.finetune.temperature},"
         " alpha {c.finetune.alpha}), {c.finetune.steps} steps{sparse_head}",
@@ -587,7 +588,9 @@ def write_markdown(path: str, rows: list[dict], header: dict) -> None:
             "leaves dense counts at 32). bits/w (model): over every "
             "parameter, embeddings, norms and biases included. Ratio: "
             "float32 bytes / compressed bytes. Seconds: time to compress (with "
-            "XLA compilation, unless the workdir's jax_cache has it).",
+            "XLA compilation, unless the workdir's jax_cache has it; "
+            "training rows include their fine-tuning unless its finished "
+            "checkpoint in the workdir was reused).",
             ""]
   lines += ["| method | val ppl | bits/w (layers) | bits/w (model) "
             "| size (KiB) | ratio | seconds | description |",

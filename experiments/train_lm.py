@@ -120,8 +120,8 @@ def qat_recipe(c: Config, model, baseline, train_data, workdir: str, *,
 
 
 def distill_recipe(c: Config, model, baseline, train_data, workdir: str, *,
-                   name: str, student: cj.Transform, log=print
-                   ) -> tuple[Any, dict]:
+                   name: str, student: cj.Transform, student_name: str,
+                   log=print) -> tuple[Any, dict]:
   """Compress with `student` (e.g. 2:4 magnitude), then recover its float
   parts (kept values, scales, norms, embeddings) by logit distillation from
   the float model; the compressed structure (the mask) stays fixed."""
@@ -132,7 +132,7 @@ def distill_recipe(c: Config, model, baseline, train_data, workdir: str, *,
       model, baseline, temperature=f.temperature, alpha=f.alpha,
       student_run=lambda p, x: cj.run(model, cj.combine(p, rest), x))
   res = _train(loss_fn, {"student": flo}, optimizer(f), c, train_data,
-               _run_dir(workdir, name, c, dict(student=repr(student))), log)
+               _run_dir(workdir, name, c, dict(student=student_name)), log)
   return cj.combine(res.params["student"], rest), _facts(res)
 
 
@@ -200,7 +200,7 @@ def run(c: Config, workdir: str, log=print) -> dict:
   elif r.method == "distill":
     tree, facts = distill_recipe(
         c, model, baseline, train_data, workdir, name=name, log=log,
-        student=compress_lm.METHODS[r.student](c))
+        student=compress_lm.METHODS[r.student](c), student_name=r.student)
   else:
     tree, facts = sparse_recipe(c, model, baseline, train_data, workdir,
                                 name=name, method=r.method,
