@@ -670,32 +670,30 @@ def gmp(inner: optax.GradientTransformation, sparsity: float, *,
              initial_sparsity=initial_sparsity).wrap_optax(inner)
 
 
-def set_(inner: optax.GradientTransformation, sparsity: float, *,
-         end_step: int, update_every: int = 100, drop_fraction: float = 0.3,
-         distribution: str = "uniform",
-         rules: Sequence[RuleLike] | None = None,
-         default: Predicate | None = default_filter, seed: int = 0,
-         mask_init: str = "random"
-         ) -> optax.GradientTransformationExtraArgs:
-  """SET around `inner` (see SET)."""
-  return SET(sparsity=sparsity, distribution=distribution, rules=rules,
-             default=default, seed=seed, end_step=end_step,
-             update_every=update_every, drop_fraction=drop_fraction,
-             mask_init=mask_init).wrap_optax(inner)
+def _drop_and_grow(cls):
+  """The optax constructor of a fixed-sparsity drop/regrow method."""
+
+  def make(inner: optax.GradientTransformation, sparsity: float, *,
+           end_step: int, update_every: int = 100, drop_fraction: float = 0.3,
+           distribution: str = "uniform",
+           rules: Sequence[RuleLike] | None = None,
+           default: Predicate | None = default_filter, seed: int = 0,
+           mask_init: str = "random"
+           ) -> optax.GradientTransformationExtraArgs:
+    return cls(sparsity=sparsity, distribution=distribution, rules=rules,
+               default=default, seed=seed, end_step=end_step,
+               update_every=update_every, drop_fraction=drop_fraction,
+               mask_init=mask_init).wrap_optax(inner)
+
+  make.__name__ = make.__qualname__ = {"set": "set_"}.get(cls.name, cls.name)
+  make.__doc__ = (f"{cls.__name__} around `inner` (see {cls.__name__}); "
+                  "mask_init='magnitude' starts from the largest |w| "
+                  "(dense-to-sparse fine-tuning).")
+  return make
 
 
-def rigl(inner: optax.GradientTransformation, sparsity: float, *,
-         end_step: int, update_every: int = 100, drop_fraction: float = 0.3,
-         distribution: str = "uniform",
-         rules: Sequence[RuleLike] | None = None,
-         default: Predicate | None = default_filter, seed: int = 0,
-         mask_init: str = "random"
-         ) -> optax.GradientTransformationExtraArgs:
-  """RigL around `inner` (see RigL)."""
-  return RigL(sparsity=sparsity, distribution=distribution, rules=rules,
-              default=default, seed=seed, end_step=end_step,
-              update_every=update_every, drop_fraction=drop_fraction,
-              mask_init=mask_init).wrap_optax(inner)
+set_ = _drop_and_grow(SET)
+rigl = _drop_and_grow(RigL)
 
 
 def nm_srste(inner: optax.GradientTransformation, n: int = 2, m: int = 4, *,
