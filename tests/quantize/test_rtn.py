@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 import compressjax as cj
 from compressjax.core.qarray import apply_groups
@@ -17,6 +17,7 @@ def _scale_full(q):
                       lambda a, b: a + b)
 
 
+@settings(max_examples=12)  # eager ops: each example compiles
 @given(bits=st.integers(2, 8), symmetric=st.booleans(),
        gran=st.sampled_from(["tensor", "channel", 4, 8]),
        k=st.sampled_from([8, 16, 24]), n=st.integers(1, 6),
