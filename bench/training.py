@@ -66,10 +66,8 @@ import numpy as np
 import optax
 
 import compressjax as cj
-from compressjax.core.tree import path_str
 from compressjax.data import stdlib_text
 from compressjax.models import transformer
-from compressjax.sparsify.magnitude import keep_mask_from_scores
 from compressjax.train import distill, loop, qat, sparse
 from configs import default as default_config
 from experiments import compress_lm as E
@@ -114,26 +112,6 @@ def make_step(loss_fn, opt):
     return optax.apply_updates(p, u), s, loss
 
   return step
-
-
-def sparse_rules(c) -> list:
-  # as the experiment's sparse rows: the head stays dense unless configured
-  return [] if c.sparsity.prune_head else [(r"params/head/kernel", None)]
-
-
-def magnitude_masks(params, state: sparse.SparseState):
-  """Per layer, the largest-|w| entries at the layer's sparsity (the count
-  rule of SET's initial masks; ties as `sparsify.magnitude`)."""
-  specs = state.spec_map()
-
-  def one(path, w, m):
-    if m is None:
-      return None
-    p = path_str(path)
-    n_prune = round(specs[p].sparsity * w.size)
-    return keep_mask_from_scores(jnp.abs(w.astype(jnp.float32)), n_prune)
-
-  return jax.tree_util.tree_map_with_path(one, params, state.masks)
 
 
 def interleaved_medians(fns: dict, warmup: int, repeats: int) -> dict:
@@ -362,7 +340,8 @@ def quality_part(a, c, log) -> tuple[dict, list]:
   if "rigl" in parts:
     every = a.rigl_every or max(1, S // 8)
     end = max(1, int(0.75 * S))
-    common = dict(rules=sparse_rules(c), seed=c.seed)
+    common = dict(rules=E._sparse_rules(c), seed=c.seed,
+                  mask_init="magnitude")
     tx_rigl = sparse.rigl(opt, a.sparsity, end_step=end, update_every=every,
                           drop_fraction=a.rigl_drop, **common)
     # SET that never updates (update_every > S): the same hard-masked step
@@ -372,12 +351,9 @@ def quality_part(a, c, log) -> tuple[dict, list]:
 
     def start(tx):
       st = loop.init_state(variables, tx, seed=c.seed)
-      sp = st.opt_state.replace(masks=magnitude_masks(variables,
-                                                      st.opt_state))
       # hard methods keep exact zeros: a loss on params gets the dense
       # gradient RigL grows by (see compressjax.train.sparse)
-      return st.replace(params=sparse.masked_params(variables, sp),
-                        opt_state=sp)
+      return st.replace(params=sparse.masked_params(variables, st.opt_state))
 
     st = start(tx_rigl)
     p_oneshot = ppl(st.params)
