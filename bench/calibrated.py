@@ -21,23 +21,14 @@ from __future__ import annotations
 
 import argparse
 import resource
-import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 
+from timing import median_time
+
 PUBLISHED = {"gptq_int4_g128": 3.4, "sparsegpt_50": 4.8, "sparsegpt_2_4": 3.2}
-
-
-def _time(fn, repeats: int) -> float:
-  jax.block_until_ready(fn())  # compile
-  ts = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    ts.append(time.perf_counter() - t0)
-  return statistics.median(ts)
 
 
 def layer_bench(size: int, tokens: int, repeats: int) -> None:
@@ -51,7 +42,7 @@ def layer_bench(size: int, tokens: int, repeats: int) -> None:
   w = jax.random.normal(jax.random.key(3), (size, size)) * 0.02
   gram = jax.jit(lambda x: x.T @ x)
   h = 2 * gram(x) / tokens
-  base = _time(lambda: gram(x), repeats)
+  base = median_time(gram, x, repeats=repeats)
   print(f"{size}x{size} layer, {tokens} tokens, {jax.devices()[0].platform}, "
         f"{jax.device_count()} device(s); baseline X^T X {base:.3f}s "
         f"(median of {repeats})")
@@ -65,7 +56,7 @@ def layer_bench(size: int, tokens: int, repeats: int) -> None:
   print(f"{'algorithm':16s} {'seconds':>8s} {'/ X^T X':>8s} "
         f"{'published':>9s} {'/ published':>11s}")
   for name, fn in runs.items():
-    t = _time(fn, repeats)
+    t = median_time(fn, repeats=repeats)
     print(f"{name:16s} {t:8.2f} {t / base:8.2f} {PUBLISHED[name]:9.1f} "
           f"{t / PUBLISHED[name]:11.2f}")
 

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
 import compressjax as cj
 from compressjax.quantize import quantize_array
+from timing import median_time
 
 DEFAULT = ["int8", "int4", "int3", "int2", "ternary", "binary", "nf4",
            "fp8_e4m3", "fp8_e5m2", "fp6_e2m3", "fp6_e3m2", "fp4_e2m1",
@@ -28,16 +27,6 @@ DEFAULT = ["int8", "int4", "int3", "int2", "ternary", "binary", "nf4",
            "mxint8", "nvfp4", "codebook3", "codebook4"]
 GROUPED = {"int4": 128, "int3": 128, "int2": 64, "nf4": 64, "codebook3": 512,
            "codebook4": 512}
-
-
-def _time(fn, *args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))  # compile
-  ts = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    ts.append(time.perf_counter() - t0)
-  return statistics.median(ts)
 
 
 def main():
@@ -50,7 +39,7 @@ def main():
   n = a.size
   gauss = jax.random.normal(jax.random.key(0), (n, n))
   heavy = jax.random.t(jax.random.key(1), 3.0, (n, n))
-  cast = _time(jax.jit(lambda w: w.astype(jnp.bfloat16)), gauss,
+  cast = median_time(jax.jit(lambda w: w.astype(jnp.bfloat16)), gauss,
                repeats=a.repeats)
   print(f"{n}x{n} float32; baseline f32->bf16 cast {cast * 1e3:.2f} ms "
         f"(median of {a.repeats}); {jax.devices()[0].platform}")
@@ -66,9 +55,9 @@ def main():
       kw["format"] = name
     quant = jax.jit(lambda w: quantize_array(w, **kw))
     deq = jax.jit(lambda q: q.materialize())
-    tq = _time(quant, gauss, repeats=a.repeats)
+    tq = median_time(quant, gauss, repeats=a.repeats)
     q = quant(gauss)
-    td = _time(deq, q, repeats=a.repeats)
+    td = median_time(deq, q, repeats=a.repeats)
     err = {}
     for label, w in (("gauss", gauss), ("t3", heavy)):
       wq = deq(quant(w))

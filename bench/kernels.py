@@ -24,26 +24,18 @@ vs the same kernel on a full mask (dense flash) and vs
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import layout, reference, xla_matmul
+from timing import median_time as _median_time
 
-
-def median_time(fn, *args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))  # compile + warm up
-  jax.block_until_ready(fn(*args))
-  ts = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    ts.append(time.perf_counter() - t0)
-  return statistics.median(ts)
+# two warm-up calls: compile, then one more so caches are warm
+median_time = functools.partial(_median_time, warmup=2)
 
 
 def weights(n: int, bits: int, group: int | None, key):

@@ -1,0 +1,22 @@
+"""Shared timing for the bench scripts (run as `python bench/<name>.py`, so
+this module is importable as `timing`)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+
+
+def median_time(fn, *args, repeats: int, warmup: int = 1) -> float:
+  """Median seconds of `fn(*args)` (blocked until ready) over `repeats`
+  calls, after `warmup` calls that compile and warm caches."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  ts = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    ts.append(time.perf_counter() - t0)
+  return statistics.median(ts)
