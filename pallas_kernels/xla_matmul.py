@@ -104,11 +104,9 @@ def quantized_matmul(x, codes, scale, zero=None, *, bits: int, k: int,
     raise ValueError(f"{g} scale groups do not divide K={k}")
   if lut is not None:
     lut = jnp.asarray(lut, jnp.float32)
-  nibbles = bits == 4
-  unit = 2 * (group % 2 == 0) if nibbles else _rows_per_byte_unit(bits)
-  unit = max(unit, 1)
-  if nibbles and unit != 2:  # odd groups: nibble split would straddle them
-    nibbles, unit = False, _rows_per_byte_unit(bits)
+  unit = _rows_per_byte_unit(bits)
+  # odd groups: a nibble pair (one byte) would straddle two groups
+  nibbles = bits == 4 and group % 2 == 0
   if block is None:
     chosen = choose_block(k, group, unit)
     if chosen is None:
@@ -141,9 +139,10 @@ def quantized_matmul(x, codes, scale, zero=None, *, bits: int, k: int,
 
     def body(acc, a):
       cblk, s, z, e, o = a
-      s = _expand(s, block)[0::2] if s.shape[0] > 1 else s
+      # per-row values of the even rows (= of the odd rows: groups are even)
+      s = _expand(s, block)[0::2]
       if z is not None:
-        z = _expand(z, block)[0::2] if z.shape[0] > 1 else z
+        z = _expand(z, block)[0::2]
       lo, hi = tile(cblk, True), tile(cblk, False)
       if z is not None:
         lo, hi = lo - z, hi - z
