@@ -32,8 +32,8 @@ PUBLISHED = {"gptq_int4_g128": 3.4, "sparsegpt_50": 4.8, "sparsegpt_2_4": 3.2}
 
 
 def layer_bench(size: int, tokens: int, repeats: int) -> None:
-  from compressjax.quantize.gptq import gptq_quantize
-  from compressjax.sparsify.sparsegpt import sparsegpt_prune
+  from compressjax.quantization.gptq import gptq_quantize
+  from compressjax.sparsity.sparsegpt import sparsegpt_prune
 
   k = jax.random.split(jax.random.key(0), 3)
   mix = jax.random.normal(k[0], (size, size)) / size ** 0.5
@@ -65,7 +65,7 @@ def pipeline_bench(calib_tokens: int, seq: int, layers: int) -> None:
   import compressjax as cj
   from compressjax.calibrate import sequential
   from compressjax.models import transformer
-  from compressjax.quantize.gptq import gptq
+  from compressjax.quantization.gptq import gptq
 
   cfg = transformer.TransformerConfig(vocab_size=256, d_model=768,
                                       n_layers=layers, n_heads=12,

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 import compressjax as cj
-from compressjax.quantize import quantize_array
+from compressjax.quantization import quantize_array
 from timing import median_time
 
 DEFAULT = ["int8", "int4", "int3", "int2", "ternary", "binary", "nf4",

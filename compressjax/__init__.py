@@ -21,7 +21,7 @@ from compressjax.core.report import (bits_per_weight, compression_ratio,
                                      layer_report, summary, tree_nbytes)
 from compressjax.formats import IntFormat
 from compressjax.runtime.interpret import apply, run
-from compressjax.transform import Transform, chain
+from compressjax.core.transform import Transform, chain
 
 __version__ = "0.1.0"
 

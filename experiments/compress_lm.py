@@ -38,10 +38,10 @@ import optax
 
 import compressjax as cj
 from compressjax.calibrate import capture, sequential
-from compressjax.quantize.awq import awq
-from compressjax.quantize.gptq import gptq
-from compressjax.quantize.rotation import quarot, rotation_gptq
-from compressjax.quantize.smoothquant import smoothquant
+from compressjax.quantization.awq import awq
+from compressjax.quantization.gptq import gptq
+from compressjax.quantization.rotation import quarot, rotation_gptq
+from compressjax.quantization.smoothquant import smoothquant
 from compressjax.core.rules import default_filter
 from compressjax.core.tree import leaves_with_paths
 from compressjax.data import stdlib_text

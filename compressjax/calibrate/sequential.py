@@ -35,7 +35,7 @@ from compressjax.core.errors import CompressionError
 from compressjax.core.rules import Predicate, RuleLike, default_filter, resolve
 from compressjax.core.tree import leaves_with_paths
 from compressjax.runtime.interpret import apply, as_function
-from compressjax.transform import Transform
+from compressjax.core.transform import Transform
 
 Build = Callable[[Mapping[str, LayerStats]], Transform]
 _INDEXED = re.compile(r"(.*_)?\d+$")

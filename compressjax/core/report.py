@@ -84,7 +84,7 @@ def sparsity(leaf: Any) -> float:
 
 
 @dataclasses.dataclass(frozen=True)
-class LayerStats:
+class LayerReport:
   path: str
   format: str
   shape: tuple[int, ...]
@@ -108,7 +108,7 @@ def _rel_error(w, w_hat) -> float:
 
 
 def layer_report(original: Any, compressed: Any,
-                 errors: bool = True) -> list[LayerStats]:
+                 errors: bool = True) -> list[LayerReport]:
   """Per-param figures for every leaf of `compressed` (matched by path)."""
   orig = dict(leaves_with_paths(original))
   rows = []
@@ -123,7 +123,7 @@ def layer_report(original: Any, compressed: Any,
       err = _rel_error(materialize(w), leaf.materialize())
     elif w is not None:
       err = 0.0
-    rows.append(LayerStats(
+    rows.append(LayerReport(
         path=path, format=describe(leaf), shape=tuple(leaf.shape),
         orig_bytes=int(ob), bytes=int(array_nbytes(leaf)),
         bits_per_weight=8.0 * array_nbytes(leaf) / max(math.prod(leaf.shape), 1),

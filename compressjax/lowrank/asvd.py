@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from compressjax import transform as T
+from compressjax.core import transform as transform_lib
 from compressjax.core.errors import CompressionError
 from compressjax.core.lowrank import LowRank
 from compressjax.core.qarray import QArray
@@ -126,7 +126,7 @@ def asvd(stats: Mapping[str, Any], *, alpha: float = 0.5,
          rank: int | None = None, rank_ratio: float | None = None,
          energy: float | None = None, residual: bool = False,
          rules: Sequence[RuleLike] | None = None,
-         default: Predicate | None = None) -> T.Transform:
+         default: Predicate | None = None) -> transform_lib.Transform:
   """ASVD transform (see module doc) given `compressjax.calibrate.capture`
   stats ({path: LayerStats}, using `mean_abs`); give one of rank,
   rank_ratio, energy. With residual=True, chain a quantize to get low-rank
@@ -145,5 +145,5 @@ def asvd(stats: Mapping[str, Any], *, alpha: float = 0.5,
 
   base = dict(alpha=alpha, rank=rank, rank_ratio=rank_ratio, energy=energy,
               residual=residual)
-  return T.leaf_transform("asvd", base, leaf, check, rules,
+  return transform_lib.leaf_transform("asvd", base, leaf, check, rules,
                           default or default_filter)

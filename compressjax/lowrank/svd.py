@@ -24,7 +24,7 @@ from compressjax.core.lowrank import LowRank
 from compressjax.core.qarray import QArray
 from compressjax.core.rules import Predicate, RuleLike, default_filter
 from compressjax.core.sparse import NMSparseArray, SparseArray
-from compressjax import transform as T
+from compressjax.core import transform as transform_lib
 
 
 def matrix_shape(shape) -> tuple[int, int]:
@@ -100,10 +100,10 @@ def _check(path, leaf, cfg):
 def low_rank(rank: int | None = None, *, rank_ratio: float | None = None,
              energy: float | None = None, residual: bool = False,
              rules: Sequence[RuleLike] | None = None,
-             default: Predicate | None = default_filter) -> T.Transform:
+             default: Predicate | None = default_filter) -> transform_lib.Transform:
   """Truncated-SVD transform (see module doc); give one of rank, rank_ratio,
   energy."""
   base = dict(rank=rank, rank_ratio=rank_ratio, energy=energy,
               residual=residual)
-  return T.leaf_transform("low_rank", base, _lowrank_leaf, _check, rules,
+  return transform_lib.leaf_transform("low_rank", base, _lowrank_leaf, _check, rules,
                           default)

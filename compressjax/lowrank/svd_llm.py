@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 import numpy as np
 
-from compressjax import transform as T
+from compressjax.core import transform as transform_lib
 from compressjax.core.errors import CompressionError
 from compressjax.core.rules import Predicate, RuleLike, default_filter
 from compressjax.lowrank.asvd import (check_features, lowrank_leaf, layer_stats,
@@ -130,7 +130,7 @@ def svd_llm(stats: Mapping[str, Any], *, rank: int | None = None,
             rank_ratio: float | None = None, energy: float | None = None,
             residual: bool = False,
             rules: Sequence[RuleLike] | None = None,
-            default: Predicate | None = None) -> T.Transform:
+            default: Predicate | None = None) -> transform_lib.Transform:
   """SVD-LLM transform (see module doc) given `compressjax.calibrate.capture`
   stats ({path: LayerStats}, using `gram`); give one of rank, rank_ratio,
   energy. `chain(svd_llm(stats, ..., residual=True), quantize(4, ...))`
@@ -149,5 +149,5 @@ def svd_llm(stats: Mapping[str, Any], *, rank: int | None = None,
 
   base = dict(rank=rank, rank_ratio=rank_ratio, energy=energy,
               residual=residual)
-  return T.leaf_transform("svd_llm", base, leaf, check, rules,
+  return transform_lib.leaf_transform("svd_llm", base, leaf, check, rules,
                           default or default_filter)

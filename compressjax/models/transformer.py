@@ -188,7 +188,7 @@ def next_token_loss(logits, targets):
 
 
 def scale_groups(config: TransformerConfig, prefix: str = "params/"):
-  """AWQ / SmoothQuant scale groups (`compressjax.quantize.ScaleGroup`) of
+  """AWQ / SmoothQuant scale groups (`compressjax.quantization.ScaleGroup`) of
   this model: which kernels share an input and where its per-channel scale
   folds. Per block: ln_1 -> query, key, value (fold into ln_1); value -> out
   (attention mixes tokens, not channels, and the head split is a reshape, so
@@ -197,7 +197,7 @@ def scale_groups(config: TransformerConfig, prefix: str = "params/"):
   input scale). Then ln_f -> head. With norm="rms" the norms have a scale
   only. `prefix` is the path of the params collection in the tree
   (model.init's variables: 'params/')."""
-  from compressjax.quantize.scaling import ScaleGroup  # no import cycle
+  from compressjax.quantization.scaling import ScaleGroup  # no import cycle
 
   def norm(name):
     if config.norm == "rms":
@@ -223,7 +223,7 @@ def scale_groups(config: TransformerConfig, prefix: str = "params/"):
 
 def rotation_plan(config: TransformerConfig, prefix: str = "params/"):
   """Where QuaRot's rotations fold in this model
-  (`compressjax.quantize.rotation.RotationPlan`, for `quarot`).
+  (`compressjax.quantization.rotation.RotationPlan`, for `quarot`).
 
   Residual writers (their last axis is added to the stream): the token and
   position embeddings, attn/out and mlp/fc2 (kernel and bias). Readers: ln_1
@@ -233,7 +233,7 @@ def rotation_plan(config: TransformerConfig, prefix: str = "params/"):
   output: nothing to fold into, so it is rotated online. `config.norm` says
   whether the residual rotation folds as is ("rms") or needs centring
   ("layer"). `prefix`: the params collection's path ('params/')."""
-  from compressjax.quantize.rotation import (Reader, RotationPlan,  # no cycle
+  from compressjax.quantization.rotation import (Reader, RotationPlan,  # no cycle
                                              ValueOut)
 
   def dense(name):

@@ -62,7 +62,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import layout
-from compressjax import transform as T
+from compressjax.core import transform as transform_lib
 from compressjax.core.base import (CompressedLeaf, compressed_leaf,
                                    is_concrete, materialize)
 from compressjax.core.errors import CompressionError
@@ -74,7 +74,7 @@ from compressjax.formats import activations
 from compressjax.formats.float import FloatFormat
 from compressjax.formats.integer import IntFormat
 from compressjax.formats.levels import LevelsFormat
-from compressjax.quantize.rtn import (_scale_reduce, check_quant_config,
+from compressjax.quantization.rtn import (_scale_reduce, check_quant_config,
                                       quantize_array, resolve_format)
 from compressjax.runtime import dispatch
 
@@ -490,7 +490,7 @@ def qat(bits: int = 4, *, format: str | None = None,
         act_bits: int = 8, act_signed: bool = True,
         act_alpha: float = PACT_ALPHA_INIT, init: Any = None,
         rules: Sequence[RuleLike] | None = None,
-        default: Predicate | None = default_filter) -> T.Transform:
+        default: Predicate | None = default_filter) -> transform_lib.Transform:
   """QAT transform: selected kernels become FakeQuant leaves.
 
   Args:
@@ -527,7 +527,7 @@ def qat(bits: int = 4, *, format: str | None = None,
                              "these params", path)
     return _from_qarray(path, qa, a, cfg)
 
-  return T.leaf_transform("qat", base, leaf_fn, check, rules, default)
+  return transform_lib.leaf_transform("qat", base, leaf_fn, check, rules, default)
 
 
 def export_leaf(leaf: FakeQuant, path: str = "<array>"):

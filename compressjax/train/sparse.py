@@ -76,7 +76,7 @@ from compressjax.core.errors import CompressionError
 from compressjax.core.rules import Predicate, RuleLike, default_filter, resolve
 from compressjax.core.tree import (INPUT_AXIS, is_compressed, is_float_dtype,
                                    path_str)
-from compressjax.sparsify.magnitude import (check_sparse_config,
+from compressjax.sparsity.magnitude import (check_sparse_config,
                                             keep_mask_from_scores,
                                             nm_sparsify, sparse_from_mask)
 

@@ -11,7 +11,7 @@ from compressjax.calibrate import (block_prefix, capture, execution_order,
                                    one_shot, sequential, stages_of)
 from compressjax.core.rules import default_filter
 from compressjax.models import transformer
-from compressjax.quantize.gptq import gptq, gptq_quantize
+from compressjax.quantization.gptq import gptq, gptq_quantize
 
 
 class MLP(nn.Module):

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import compressjax as cj
-from compressjax.quantize import quantize_array
-from compressjax.sparsify import nm_sparsify
+from compressjax.quantization import quantize_array
+from compressjax.sparsity import nm_sparsify
 
 
 def test_leaves_are_frozen_registered_pytrees():

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from compressjax.formats import BINARY, NF4, TERNARY
-from compressjax.quantize import quantize_array
+from compressjax.quantization import quantize_array
 
 
 def test_nf4_levels_are_normal_quantiles():

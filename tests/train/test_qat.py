@@ -14,7 +14,7 @@ from hypothesis import given, settings, strategies as st
 import compressjax as cj
 from compressjax.calibrate import capture
 from compressjax.core.input_transform import InputTransform
-from compressjax.quantize import quantize_array
+from compressjax.quantization import quantize_array
 from compressjax.train import qat as Q
 
 K, N = 8, 6

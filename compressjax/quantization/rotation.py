@@ -57,7 +57,7 @@ from typing import Any, Iterable, Sequence
 import jax
 import jax.numpy as jnp
 
-from compressjax import transform as T
+from compressjax.core import transform as transform_lib
 from compressjax.core import hadamard
 from compressjax.core.base import CompressedLeaf
 from compressjax.core.errors import CompressionError
@@ -121,7 +121,7 @@ def online(path: str, leaf: Any, key, block: int | None = None
 
 def rotate(key, *, block: int | None = None,
            rules: Sequence[RuleLike] | None = None,
-           default: Predicate | None = None) -> T.Transform:
+           default: Predicate | None = None) -> transform_lib.Transform:
   """Online randomized Hadamard rotation of every selected 2-D kernel.
 
   Each kernel W (K, N) becomes InputTransform(weight=R^T W, signs, block)
@@ -139,7 +139,7 @@ def rotate(key, *, block: int | None = None,
     k = w.shape[0] if len(w.shape) else 0
     _block_for(k, cfg["block"], path)
 
-  return T.leaf_transform("rotate", dict(block=block), leaf, check, rules,
+  return transform_lib.leaf_transform("rotate", dict(block=block), leaf, check, rules,
                           default or default_filter)
 
 
@@ -301,7 +301,7 @@ def _check_plan(params, plan: RotationPlan, residual: bool,
 
 def quarot(key, plan: RotationPlan, *, residual: bool = True,
            center_layernorm: bool = False, value_out: bool = True,
-           online_fc2: bool = True, online_out: bool = True) -> T.Transform:
+           online_fc2: bool = True, online_out: bool = True) -> transform_lib.Transform:
   """QuaRot's rotations of a float model, as far as `plan` permits.
 
   Args:
@@ -384,17 +384,17 @@ def quarot(key, plan: RotationPlan, *, residual: bool = True,
 
     return map_with_paths(one, params), state
 
-  return T.Transform(init, update)
+  return transform_lib.Transform(init, update)
 
 
 # ---------------------------------------------------------------------------
 # Rotation + GPTQ
 # ---------------------------------------------------------------------------
 
-def rotation_gptq(rotation: T.Transform, model: Any, batches: Iterable[Any],
+def rotation_gptq(rotation: transform_lib.Transform, model: Any, batches: Iterable[Any],
                   bits: int = 4, *, rules: Sequence[RuleLike] | None = None,
                   default: Predicate | None = None, method=None,
-                  **gptq_kw) -> T.Transform:
+                  **gptq_kw) -> transform_lib.Transform:
   """rotation (float) -> capture on the rotated tree -> GPTQ, as a Transform.
 
   `rotation` is e.g. `quarot(key, plan)` or `rotate(key)`; `batches` are the
@@ -408,7 +408,7 @@ def rotation_gptq(rotation: T.Transform, model: Any, batches: Iterable[Any],
       q = gptq(stats, bits, rules=rules, ...).apply(rotated)
   """
   from compressjax.calibrate.capture import capture
-  from compressjax.quantize.gptq import gptq
+  from compressjax.quantization.gptq import gptq
 
   batches = list(batches)
 
@@ -423,4 +423,4 @@ def rotation_gptq(rotation: T.Transform, model: Any, batches: Iterable[Any],
                **gptq_kw).apply(rotated)
     return out, state
 
-  return T.Transform(init, update)
+  return transform_lib.Transform(init, update)

@@ -11,8 +11,8 @@ from hypothesis import given, strategies as st
 import compressjax as cj
 from compressjax.calibrate import capture
 from compressjax.core.errors import CompressionError
-from compressjax.sparsify import nm_sparsify, sparsegpt, sparsegpt_prune
-from compressjax.sparsify.sparsegpt import _resolve, _sparsegpt
+from compressjax.sparsity import nm_sparsify, sparsegpt, sparsegpt_prune
+from compressjax.sparsity.sparsegpt import _resolve, _sparsegpt
 
 
 def sparsegpt_reference(w, h, *, sparsity=0.5, nm=None, bs=16, damp=0.01,

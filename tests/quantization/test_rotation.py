@@ -18,9 +18,9 @@ from compressjax.core import hadamard
 from compressjax.core.input_transform import InputTransform
 from compressjax.core.tree import map_with_paths
 from compressjax.models import transformer as tr
-from compressjax.quantize import quantize_array
-from compressjax.quantize.gptq import gptq, gptq_quantize
-from compressjax.quantize.rotation import (online, quarot, rotate,
+from compressjax.quantization import quantize_array
+from compressjax.quantization.gptq import gptq, gptq_quantize
+from compressjax.quantization.rotation import (online, quarot, rotate,
                                            rotation_gptq)
 
 KEY = jax.random.key(3)

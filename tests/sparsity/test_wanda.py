@@ -10,7 +10,7 @@ import compressjax as cj
 from compressjax.calibrate import capture
 from compressjax.calibrate.capture import LayerStats
 from compressjax.core.errors import CompressionError
-from compressjax.sparsify import wanda, wanda_prune
+from compressjax.sparsity import wanda, wanda_prune
 
 
 def wanda_reference(w, norm, sparsity):

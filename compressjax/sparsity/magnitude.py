@@ -28,7 +28,7 @@ from compressjax.core.rules import Predicate, RuleLike, default_filter
 from compressjax.core.sparse import (NMSparseArray, SparseArray,
                                      dense_to_blocks, index_bits)
 from compressjax.core.tree import leaves_with_paths
-from compressjax import transform as T
+from compressjax.core import transform as transform_lib
 
 PATTERNS = ("unstructured", "nm", "block", "channel")
 
@@ -204,7 +204,7 @@ def sparsify(sparsity: float = 0.5, *, pattern: str = "unstructured",
              axis: int | None = None, block: Sequence[int] | None = None,
              channel_axis: int | None = None, scope: str = "layer",
              rules: Sequence[RuleLike] | None = None,
-             default: Predicate | None = default_filter) -> T.Transform:
+             default: Predicate | None = default_filter) -> transform_lib.Transform:
   """Magnitude sparsification transform (see module doc).
 
   pattern='unstructured' (scope 'layer' or 'global'), 'nm' (n of every m along
@@ -214,5 +214,5 @@ def sparsify(sparsity: float = 0.5, *, pattern: str = "unstructured",
   base = dict(sparsity=sparsity, pattern=pattern, n=n, m=m, axis=axis,
               block=None if block is None else tuple(block),
               channel_axis=channel_axis, scope=scope)
-  return T.leaf_transform("sparsify", base, _sparsify_leaf, _check, rules,
+  return transform_lib.leaf_transform("sparsify", base, _sparsify_leaf, _check, rules,
                           default, precompute=_global_threshold)

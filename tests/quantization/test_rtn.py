@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 
 import compressjax as cj
 from compressjax.core.qarray import apply_groups
-from compressjax.quantize import quantize_array
+from compressjax.quantization import quantize_array
 
 
 def _scale_full(q):

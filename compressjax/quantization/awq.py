@@ -32,7 +32,7 @@ zero point, whose outcome then depends on float rounding details (jit vs
 not); shrinking the group's own range keeps its zero point.
 
 Scales fold into the producer of the group's input where `groups` say so
-(`compressjax.quantize.scaling`); elsewhere the consumer becomes
+(`compressjax.quantization.scaling`); elsewhere the consumer becomes
 InputTransform(weight=QArray of diag(s) W, scale=1/s). Defaults as in the
 paper: 4 bits, groups of 128 inputs, zero point (asymmetric), 20 grid points,
 max shrink 0.5 over 20 steps. The weights are the same QArrays round-to-nearest
@@ -56,14 +56,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from compressjax import transform as T
+from compressjax.core import transform as transform_lib
 from compressjax.core.errors import CompressionError
 from compressjax.core.rules import Predicate, RuleLike, default_filter, resolve
 from compressjax.core.tree import leaves_with_paths, map_with_paths
 from compressjax.formats.integer import IntFormat
-from compressjax.quantize.rtn import (check_quant_config, quantize_array,
+from compressjax.quantization.rtn import (check_quant_config, quantize_array,
                                       resolve_format)
-from compressjax.quantize.scaling import (ScaleGroup, apply_scales,
+from compressjax.quantization.scaling import (ScaleGroup, apply_scales,
                                           check_stats, consumer_weight,
                                           gram_of_scaled, plan_groups,
                                           with_weight)
@@ -298,7 +298,7 @@ def awq(stats: Mapping[str, Any], bits: int = 4, *, group_size: int | None = 128
         groups: Sequence[ScaleGroup] | None = None, n_grid: int = 20,
         max_shrink: float = 0.5, n_clip: int = 20,
         rules: Sequence[RuleLike] | None = None,
-        default: Predicate | None = None) -> T.Transform:
+        default: Predicate | None = None) -> transform_lib.Transform:
   """AWQ transform (see module doc) given `compressjax.calibrate.capture`
   stats. `groups` (e.g. `models.transformer.scale_groups(config)`) say which
   kernels share an input and where its scale folds; by default every selected
@@ -319,7 +319,7 @@ def awq(stats: Mapping[str, Any], bits: int = 4, *, group_size: int | None = 128
         if c in plan:
           _check_cfg(c, leaves[c].shape, plan.configs[c])
           check_stats(c, stats, leaves[c].shape[0])
-    return T.LeafState(plan, dict(groups=gs))
+    return transform_lib.LeafState(plan, dict(groups=gs))
 
   def update(params, state):
     plan = state.plan
@@ -353,4 +353,4 @@ def awq(stats: Mapping[str, Any], bits: int = 4, *, group_size: int | None = 128
         new[c] = with_weight(new[c], qa)
     return map_with_paths(lambda p, x: new.get(p, x), out), state
 
-  return T.Transform(init, update)
+  return transform_lib.Transform(init, update)

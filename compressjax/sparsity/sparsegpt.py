@@ -44,9 +44,9 @@ from compressjax.core.errors import CompressionError
 from compressjax.core.linalg import hinv_upper as _hinv_upper
 from compressjax.core.qarray import QArray
 from compressjax.core.sparse import NMSparseArray, index_bits
-from compressjax.quantize.gptq import _scale_zero
-from compressjax.quantize.rtn import resolve_format
-from compressjax.sparsify.magnitude import (check_sparse_config, nm_sparsify,
+from compressjax.quantization.gptq import _scale_zero
+from compressjax.quantization.rtn import resolve_format
+from compressjax.sparsity.magnitude import (check_sparse_config, nm_sparsify,
                                             sparse_from_mask)
 from pallas_kernels import layout
 
@@ -365,7 +365,7 @@ def sparsegpt(stats, sparsity: float = 0.5, *, pattern: str = "unstructured",
               symmetric: bool = True, rules=None, default=None):
   """SparseGPT transform over a tree, given `compressjax.calibrate.capture`
   stats (one-shot: every layer pruned with the float model's activations)."""
-  from compressjax import transform as T
+  from compressjax.core import transform as transform_lib
   from compressjax.core.rules import default_filter
 
   def check(path, w, cfg):
@@ -384,5 +384,5 @@ def sparsegpt(stats, sparsity: float = 0.5, *, pattern: str = "unstructured",
   base = dict(sparsity=sparsity, pattern=pattern, n=n, m=m,
               block_size=block_size, damp=damp, bits=bits, format=format,
               group_size=group_size, symmetric=symmetric)
-  return T.leaf_transform("sparsegpt", base, leaf, check, rules,
+  return transform_lib.leaf_transform("sparsegpt", base, leaf, check, rules,
                           default or default_filter)

@@ -15,7 +15,7 @@ X^_j = X_j / s_j and weight W^_j = s_j W_j have
   max|W^_j| = (max|X_j| max|W_j|)^alpha,
 equal at alpha = 0.5 (the paper's default; larger alpha moves more of the
 range into the weights). The scale folds into the producer of X where
-`groups` allow (`compressjax.quantize.scaling`), else stays explicit.
+`groups` allow (`compressjax.quantization.scaling`), else stays explicit.
 
 Then W8A8: every consumer becomes InputTransform(weight=int8 symmetric
 per-output-channel QArray of diag(s) W, scale=1/s or None when folded,
@@ -37,13 +37,13 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
-from compressjax import transform as T
+from compressjax.core import transform as transform_lib
 from compressjax.core.errors import CompressionError
 from compressjax.core.input_transform import ACT_FORMATS
 from compressjax.core.rules import Predicate, RuleLike, default_filter, resolve
 from compressjax.core.tree import leaves_with_paths, map_with_paths
-from compressjax.quantize.rtn import check_quant_config, quantize_array
-from compressjax.quantize.scaling import (ScaleGroup, apply_scales,
+from compressjax.quantization.rtn import check_quant_config, quantize_array
+from compressjax.quantization.scaling import (ScaleGroup, apply_scales,
                                           check_stats, consumer_weight,
                                           plan_groups, with_weight)
 
@@ -98,7 +98,7 @@ def smoothquant(stats: Mapping[str, Any], alpha: float = 0.5, *,
                 groups: Sequence[ScaleGroup] | None = None,
                 act: str | None = "int8", weight_bits: int = 8,
                 rules: Sequence[RuleLike] | None = None,
-                default: Predicate | None = None) -> T.Transform:
+                default: Predicate | None = None) -> transform_lib.Transform:
   """SmoothQuant W8A8 transform (see module doc) given
   `compressjax.calibrate.capture` stats (uses `abs_max`). `groups` as in
   `awq`; rules override alpha, act, weight_bits per param (alpha must agree
@@ -115,7 +115,7 @@ def smoothquant(stats: Mapping[str, Any], alpha: float = 0.5, *,
         if c in plan:
           _check_cfg(c, leaves[c].shape, plan.configs[c])
           check_stats(c, stats, leaves[c].shape[0])
-    return T.LeafState(plan, dict(groups=gs))
+    return transform_lib.LeafState(plan, dict(groups=gs))
 
   def update(params, state):
     plan = state.plan
@@ -146,4 +146,4 @@ def smoothquant(stats: Mapping[str, Any], alpha: float = 0.5, *,
         new[path].validate()
     return map_with_paths(lambda p, x: new.get(p, x), out), state
 
-  return T.Transform(init, update)
+  return transform_lib.Transform(init, update)

@@ -7,8 +7,8 @@ import pytest
 
 import compressjax as cj
 from compressjax.calibrate import capture
-from compressjax.quantize import quantize_array
-from compressjax.quantize.gptq import gptq, gptq_quantize
+from compressjax.quantization import quantize_array
+from compressjax.quantization.gptq import gptq, gptq_quantize
 
 
 def gptq_reference(w, h, bits, gs, damp=0.01):

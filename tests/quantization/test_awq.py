@@ -11,10 +11,10 @@ import compressjax as cj
 from compressjax.calibrate import capture
 from compressjax.core.input_transform import InputTransform
 from compressjax.models import transformer as tr
-from compressjax.quantize import quantize_array
-from compressjax.quantize.awq import (awq, awq_quantize, search_clip,
+from compressjax.quantization import quantize_array
+from compressjax.quantization.awq import (awq, awq_quantize, search_clip,
                                       search_scale)
-from compressjax.quantize.scaling import ScaleGroup, apply_scales, plan_groups
+from compressjax.quantization.scaling import ScaleGroup, apply_scales, plan_groups
 
 D, H = 16, 32
 
@@ -200,7 +200,7 @@ def _err(x, w, what):
 
 def test_search_quantizer_is_rtn():
   """The searches' unpacked fake quantization equals quantize_array's."""
-  from compressjax.quantize.awq import _fake_quant, _qcfg
+  from compressjax.quantization.awq import _fake_quant, _qcfg
   w = np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)
   w[:16, 0] = 0  # an all-zero group
   w[16:32, 1] = np.abs(w[16:32, 1])  # a group with no negative values

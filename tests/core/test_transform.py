@@ -7,7 +7,7 @@ import pytest
 
 import compressjax as cj
 from compressjax.core.rules import Rule, default_filter, resolve
-from compressjax.transform import LeafState
+from compressjax.core.transform import LeafState
 
 T = cj.transforms
 

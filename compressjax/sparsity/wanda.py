@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from compressjax.core.base import CompressedLeaf
 from compressjax.core.errors import CompressionError
-from compressjax.sparsify.magnitude import (check_sparse_config,
+from compressjax.sparsity.magnitude import (check_sparse_config,
                                             keep_mask_from_scores, nm_sparsify,
                                             sparse_from_mask)
 
@@ -81,7 +81,7 @@ def wanda(stats, sparsity: float = 0.5, *, pattern: str = "unstructured",
           n: int = 2, m: int = 4, rules=None, default=None):
   """Wanda transform over a tree, given `compressjax.calibrate.capture` stats
   (the input-feature norms of every selected param)."""
-  from compressjax import transform as T
+  from compressjax.core import transform as transform_lib
   from compressjax.core.rules import default_filter
 
   def check(path, w, cfg):
@@ -98,5 +98,5 @@ def wanda(stats, sparsity: float = 0.5, *, pattern: str = "unstructured",
     return wanda_prune(w, stats[path].norm, path=path, **cfg)
 
   base = dict(sparsity=sparsity, pattern=pattern, n=n, m=m)
-  return T.leaf_transform("wanda", base, leaf, check, rules,
+  return transform_lib.leaf_transform("wanda", base, leaf, check, rules,
                           default or default_filter)

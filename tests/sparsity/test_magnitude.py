@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import compressjax as cj
-from compressjax.sparsify import nm_sparsify
+from compressjax.sparsity import nm_sparsify
 
 
 @settings(max_examples=12)  # eager ops: each example compiles

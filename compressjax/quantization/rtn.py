@@ -32,7 +32,7 @@ from compressjax.core.rules import Predicate, RuleLike, default_filter
 from compressjax.core.sparse import NMSparseArray, SparseArray
 from compressjax import formats
 from compressjax.formats.integer import IntFormat
-from compressjax import transform as T
+from compressjax.core import transform as transform_lib
 
 
 def _scale_reduce(x, fn, axis: int, groups: int, per_tensor: bool):
@@ -210,11 +210,11 @@ def quantize(bits: int = 8, *, format: str | None = None,
              scale_dtype: Any = jnp.float32, key=None,
              double_quant: bool = False,
              rules: Sequence[RuleLike] | None = None,
-             default: Predicate | None = default_filter) -> T.Transform:
+             default: Predicate | None = default_filter) -> transform_lib.Transform:
   """Quantization transform (see `quantize_array`). Per-path overrides via
   rules, e.g. `rules=[(r".*(embed|head).*", dict(bits=8, format=None))]`."""
   base = dict(bits=bits, format=format, group_size=group_size,
               symmetric=symmetric, per_tensor=per_tensor, axis=axis,
               scale_dtype=scale_dtype, key=key, double_quant=double_quant)
-  return T.leaf_transform("quantize", base, _quantize_leaf, _check, rules,
+  return transform_lib.leaf_transform("quantize", base, _quantize_leaf, _check, rules,
                           default)

@@ -36,7 +36,7 @@ from compressjax.core.input_transform import InputTransform
 from compressjax.core.linalg import hinv_upper
 from compressjax.core.qarray import QArray
 from compressjax.formats.integer import IntFormat
-from compressjax.quantize.rtn import resolve_format
+from compressjax.quantization.rtn import resolve_format
 from pallas_kernels import layout
 
 _HI = jax.lax.Precision.HIGHEST
@@ -184,7 +184,7 @@ def gptq(stats, bits: int = 4, *, format: str | None = None, group_size: int | N
          rules=None, default=None):
   """GPTQ transform over a tree, given `compressjax.calibrate.capture` stats
   (one-shot: every layer calibrated on the float model's activations)."""
-  from compressjax import transform as T
+  from compressjax.core import transform as transform_lib
   from compressjax.core.rules import default_filter
 
   def leaf(path, w, cfg, state):
@@ -211,5 +211,5 @@ def gptq(stats, bits: int = 4, *, format: str | None = None, group_size: int | N
               symmetric=symmetric,
               block_size=block_size, damp=damp, act_order=act_order,
               static_groups=static_groups)
-  return T.leaf_transform("gptq", base, leaf, check, rules,
+  return transform_lib.leaf_transform("gptq", base, leaf, check, rules,
                           default or default_filter)

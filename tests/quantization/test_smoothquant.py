@@ -10,9 +10,9 @@ import compressjax as cj
 from compressjax.calibrate import capture
 from compressjax.core.input_transform import InputTransform
 from compressjax.models import transformer as tr
-from compressjax.quantize import quantize_array
-from compressjax.quantize.scaling import ScaleGroup, apply_scales, plan_groups
-from compressjax.quantize.smoothquant import (smooth_scale, smoothquant,
+from compressjax.quantization import quantize_array
+from compressjax.quantization.scaling import ScaleGroup, apply_scales, plan_groups
+from compressjax.quantization.smoothquant import (smooth_scale, smoothquant,
                                               weight_max)
 
 K = 64

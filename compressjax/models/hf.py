@@ -1,0 +1,221 @@
+"""Hugging Face <-> zoo: one declarative tensor table per model family.
+
+A `Family` says, for a zoo architecture, which HF `model_type`s it covers, how
+to read and write HF's `config.json`, and, for a given config, every tensor
+of the HF state dict as a `TensorSpec`: HF name, the zoo param path it
+becomes, and the layout change between them. Loading (`from_hf`) and saving
+(`to_hf`) are then one loop over that table, the same for every family, with
+one place that reports missing, unexpected and mis-shaped tensors by name.
+File I/O (safetensors shards, memory mapping, tokenizers) is `hub.py`'s.
+
+Layouts (PyTorch -> Flax; the inverse on export):
+  same     identity (embeddings, norms, biases, GPT-2's Conv1D (in, out))
+  linear   nn.Linear weight (out, in) -> Dense kernel (in, out)
+  conv2d   nn.Conv2d weight (out, in, kh, kw) -> Conv kernel (kh, kw, in, out)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable, Mapping
+
+import jax
+import numpy as np
+
+from compressjax.core.errors import CompressionError
+
+_LAYOUTS: dict[str, tuple[Callable, Callable, Callable]] = {
+    # name: (hf -> flax array, flax -> hf array, flax shape -> hf shape)
+    "same": (lambda a: a, lambda a: a, lambda s: tuple(s)),
+    "linear": (lambda a: a.T, lambda a: a.T, lambda s: tuple(s)[::-1]),
+    "conv2d": (lambda a: a.transpose(2, 3, 1, 0),
+               lambda a: a.transpose(3, 2, 0, 1),
+               lambda s: (s[3], s[2], s[0], s[1])),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+  """One HF tensor. `path` None: known but not a zoo param (a tied lm_head
+  saved anyway); it is accepted on load and not written on save."""
+
+  hf: str
+  path: str | None
+  layout: str = "same"
+
+  def __post_init__(self):
+    if self.layout not in _LAYOUTS:
+      raise ValueError(f"unknown layout {self.layout!r} for {self.hf}; "
+                       f"use one of {sorted(_LAYOUTS)}")
+
+  def to_flax(self, a):
+    return _LAYOUTS[self.layout][0](a)
+
+  def to_hf(self, a):
+    return _LAYOUTS[self.layout][1](a)
+
+  def hf_shape(self, flax_shape) -> tuple[int, ...]:
+    return _LAYOUTS[self.layout][2](flax_shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """A zoo architecture and its HF naming.
+
+  Attributes:
+    name: the family's name ('llama', 'gpt2', 'bert', 'vit').
+    model_types: HF `model_type` values it loads ('llama', 'mistral', ...).
+    config_from_hf: config.json dict -> zoo config (raises CompressionError
+      on unsupported options, naming the key).
+    config_to_hf: zoo config -> config.json dict (model_type, architectures
+      and every field `config_from_hf` reads).
+    build: zoo config -> flax module.
+    example_args: zoo config -> positional args for `module.init` (shapes
+      only; used with jax.eval_shape).
+    tensors: zoo config -> every HF tensor, in state-dict order.
+    ignored: regexes (fullmatch) of HF tensor names that are buffers, not
+      params (e.g. rotary `inv_freq`, GPT-2's `attn.bias` causal mask).
+  """
+
+  name: str
+  model_types: tuple[str, ...]
+  config_from_hf: Callable[[Mapping[str, Any]], Any]
+  config_to_hf: Callable[[Any], dict]
+  build: Callable[[Any], Any]
+  example_args: Callable[[Any], tuple]
+  tensors: Callable[[Any], tuple[TensorSpec, ...]]
+  ignored: tuple[str, ...] = ()
+
+  def is_ignored(self, hf_name: str) -> bool:
+    return any(re.fullmatch(p, hf_name) for p in self.ignored)
+
+  def param_shapes(self, config) -> dict[str, tuple[int, ...]]:
+    """Zoo param path -> shape, from an abstract init (no compute)."""
+    from compressjax.core.tree import leaves_with_paths
+    module = self.build(config)
+    shapes = jax.eval_shape(
+        lambda: module.init(jax.random.key(0), *self.example_args(config)))
+    return {p: tuple(x.shape) for p, x in leaves_with_paths(shapes)}
+
+
+FAMILIES: dict[str, Family] = {}  # by HF model_type
+
+
+def register(family: Family) -> Family:
+  for t in family.model_types:
+    FAMILIES[t] = family
+  return family
+
+
+def family_for(model_type: str | None) -> Family:
+  _import_families()
+  if model_type not in FAMILIES:
+    raise CompressionError(
+        f"unsupported model_type {model_type!r} in config.json; supported: "
+        f"{', '.join(sorted(FAMILIES))}")
+  return FAMILIES[model_type]
+
+
+def _import_families() -> None:
+  """Families register themselves on import; import the zoo's modules."""
+  import importlib
+  import pkgutil
+
+  import compressjax.models as pkg
+  for m in pkgutil.iter_modules(pkg.__path__):
+    if m.name not in ("hf", "hub"):
+      importlib.import_module(f"compressjax.models.{m.name}")
+
+
+def _nest(flat: Mapping[str, Any]) -> dict:
+  out: dict = {}
+  for path, x in flat.items():
+    node = out
+    *parents, last = path.split("/")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[last] = x
+  return out
+
+
+def _describe(names, n: int = 8) -> str:
+  names = sorted(names)
+  more = f" (+{len(names) - n} more)" if len(names) > n else ""
+  return ", ".join(names[:n]) + more
+
+
+def check_names(family: Family, config, names) -> None:
+  """Raises CompressionError naming missing and unexpected HF tensors."""
+  specs = family.tensors(config)
+  known = {s.hf for s in specs}
+  need = {s.hf for s in specs if s.path is not None}
+  names = set(names)
+  missing = need - names
+  extra = {n for n in names - known if not family.is_ignored(n)}
+  if missing or extra:
+    parts = []
+    if missing:
+      parts.append(f"missing tensors {_describe(missing)}")
+    if extra:
+      parts.append(f"unexpected tensors {_describe(extra)}")
+    raise CompressionError(
+        f"the checkpoint does not match a {family.name} model with this "
+        f"config.json: " + "; ".join(parts) + ". Check config.json "
+        "(num_hidden_layers, tie_word_embeddings, ...) against the weights")
+
+
+def from_hf(family: Family, config, get: Callable[[str], Any],
+            names, dtype=None, cast: Callable[[Any, Any], Any] | None = None
+            ) -> dict:
+  """Zoo variables ({'params': ...}) from HF tensors.
+
+  Args:
+    get: hf name -> array (numpy, possibly memory-mapped); called once per
+      tensor, in table order, so a caller can stream from disk.
+    names: every tensor name the checkpoint holds (for the missing /
+      unexpected check, done before anything is read).
+    dtype: target dtype of the params (None: keep the checkpoint's).
+    cast: (array, dtype) -> array; default numpy astype (then jnp.asarray).
+  """
+  check_names(family, config, names)
+  shapes = family.param_shapes(config)
+  flat = {}
+  for spec in family.tensors(config):
+    if spec.path is None:
+      continue
+    a = get(spec.hf)
+    want = spec.hf_shape(shapes[spec.path])
+    if tuple(a.shape) != want:
+      raise CompressionError(
+          f"tensor {spec.hf!r} has shape {tuple(a.shape)}, but config.json "
+          f"implies {want} (zoo param {spec.path!r}); the config and the "
+          f"weights disagree")
+    a = spec.to_flax(a)
+    if dtype is not None:
+      a = cast(a, dtype) if cast else np.asarray(a).astype(dtype)
+    flat[spec.path] = jax.numpy.asarray(a)
+  return _nest(flat)
+
+
+def to_hf(family: Family, config, variables) -> dict[str, np.ndarray]:
+  """HF state dict (name -> numpy array) of a float zoo tree; the inverse of
+  `from_hf`. Compressed leaves are refused (export them with hub's GPTQ
+  writer, or materialize the tree first)."""
+  from compressjax.core.tree import is_compressed, leaves_with_paths
+  flat = dict(leaves_with_paths(variables))
+  out = {}
+  for spec in family.tensors(config):
+    if spec.path is None:
+      continue
+    if spec.path not in flat:
+      raise CompressionError(f"the tree has no param {spec.path!r} (HF "
+                             f"tensor {spec.hf!r})", spec.path)
+    x = flat[spec.path]
+    if is_compressed(x):
+      raise CompressionError(
+          "a compressed leaf has no HF float layout; export it with "
+          "hub.save_gptq (int4/int8 groups) or cj.materialize_tree the tree "
+          "first", spec.path)
+    out[spec.hf] = np.ascontiguousarray(spec.to_hf(np.asarray(x)))
+  return out

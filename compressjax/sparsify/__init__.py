@@ -1,6 +1,0 @@
-from compressjax.sparsify.magnitude import nm_sparsify, sparse_from_mask, sparsify
-from compressjax.sparsify.sparsegpt import sparsegpt, sparsegpt_prune
-from compressjax.sparsify.wanda import wanda, wanda_prune, wanda_scores
-
-__all__ = ["nm_sparsify", "sparse_from_mask", "sparsegpt", "sparsegpt_prune",
-           "sparsify", "wanda", "wanda_prune", "wanda_scores"]
