@@ -76,6 +76,9 @@ class Family:
     tensors: zoo config -> every HF tensor, in state-dict order.
     ignored: regexes (fullmatch) of HF tensor names that are buffers, not
       params (e.g. rotary `inv_freq`, GPT-2's `attn.bias` causal mask).
+    optional_prefix: a prefix of the `tensors` names that checkpoints may
+      omit (GPT2Model saves 'h.0...' where GPT2LMHeadModel saves
+      'transformer.h.0...'); `canonical` adds it back.
   """
 
   name: str
@@ -86,9 +89,16 @@ class Family:
   example_args: Callable[[Any], tuple]
   tensors: Callable[[Any], tuple[TensorSpec, ...]]
   ignored: tuple[str, ...] = ()
+  optional_prefix: str = ""
 
   def is_ignored(self, hf_name: str) -> bool:
     return any(re.fullmatch(p, hf_name) for p in self.ignored)
+
+  def canonical(self, names) -> dict[str, str]:
+    """Checkpoint name -> the name `tensors` uses (prefix added where the
+    checkpoint omits it and the prefixed name is a known tensor)."""
+    p = self.optional_prefix
+    return {n: p + n if p and not n.startswith(p) else n for n in names}
 
   def param_shapes(self, config) -> dict[str, tuple[int, ...]]:
     """Zoo param path -> shape, from an abstract init (no compute)."""
@@ -150,7 +160,7 @@ def check_names(family: Family, config, names) -> None:
   specs = family.tensors(config)
   known = {s.hf for s in specs}
   need = {s.hf for s in specs if s.path is not None}
-  names = set(names)
+  names = set(family.canonical(names).values())
   missing = need - names
   extra = {n for n in names - known if not family.is_ignored(n)}
   if missing or extra:
@@ -179,12 +189,13 @@ def from_hf(family: Family, config, get: Callable[[str], Any],
     cast: (array, dtype) -> array; default numpy astype (then jnp.asarray).
   """
   check_names(family, config, names)
+  stored = {c: n for n, c in family.canonical(names).items()}
   shapes = family.param_shapes(config)
   flat = {}
   for spec in family.tensors(config):
     if spec.path is None:
       continue
-    a = get(spec.hf)
+    a = get(stored[spec.hf])
     want = spec.hf_shape(shapes[spec.path])
     if tuple(a.shape) != want:
       raise CompressionError(
