@@ -94,11 +94,13 @@ class Family:
   def is_ignored(self, hf_name: str) -> bool:
     return any(re.fullmatch(p, hf_name) for p in self.ignored)
 
-  def canonical(self, names) -> dict[str, str]:
+  def canonical(self, names, known=()) -> dict[str, str]:
     """Checkpoint name -> the name `tensors` uses (prefix added where the
-    checkpoint omits it and the prefixed name is a known tensor)."""
-    p = self.optional_prefix
-    return {n: p + n if p and not n.startswith(p) else n for n in names}
+    checkpoint omits it and the prefixed name is a known tensor, so a name
+    outside the prefix, e.g. 'lm_head.weight', stays as it is)."""
+    p, known = self.optional_prefix, set(known)
+    return {n: p + n if p and n not in known and p + n in known else n
+            for n in names}
 
   def param_shapes(self, config) -> dict[str, tuple[int, ...]]:
     """Zoo param path -> shape, from an abstract init (no compute)."""
@@ -134,7 +136,7 @@ def _import_families() -> None:
 
   import compressjax.models as pkg
   for m in pkgutil.iter_modules(pkg.__path__):
-    if m.name not in ("hf", "hub"):
+    if m.name not in ("hf", "hub", "tokenizer", "gptq_export"):
       importlib.import_module(f"compressjax.models.{m.name}")
 
 
@@ -160,7 +162,7 @@ def check_names(family: Family, config, names) -> None:
   specs = family.tensors(config)
   known = {s.hf for s in specs}
   need = {s.hf for s in specs if s.path is not None}
-  names = set(family.canonical(names).values())
+  names = set(family.canonical(names, known).values())
   missing = need - names
   extra = {n for n in names - known if not family.is_ignored(n)}
   if missing or extra:
@@ -189,7 +191,8 @@ def from_hf(family: Family, config, get: Callable[[str], Any],
     cast: (array, dtype) -> array; default numpy astype (then jnp.asarray).
   """
   check_names(family, config, names)
-  stored = {c: n for n, c in family.canonical(names).items()}
+  known = {s.hf for s in family.tensors(config)}
+  stored = {c: n for n, c in family.canonical(names, known).items()}
   shapes = family.param_shapes(config)
   flat = {}
   for spec in family.tensors(config):
@@ -209,24 +212,32 @@ def from_hf(family: Family, config, get: Callable[[str], Any],
   return _nest(flat)
 
 
-def to_hf(family: Family, config, variables) -> dict[str, np.ndarray]:
-  """HF state dict (name -> numpy array) of a float zoo tree; the inverse of
-  `from_hf`. Compressed leaves are refused (export them with hub's GPTQ
-  writer, or materialize the tree first)."""
-  from compressjax.core.tree import is_compressed, leaves_with_paths
+def hf_leaves(family: Family, config, variables):
+  """(TensorSpec, leaf) for every zoo param of the table, in table order;
+  the leaf may be a compressed leaf. Raises CompressionError naming a param
+  the tree lacks."""
+  from compressjax.core.tree import leaves_with_paths
   flat = dict(leaves_with_paths(variables))
-  out = {}
   for spec in family.tensors(config):
     if spec.path is None:
       continue
     if spec.path not in flat:
       raise CompressionError(f"the tree has no param {spec.path!r} (HF "
                              f"tensor {spec.hf!r})", spec.path)
-    x = flat[spec.path]
+    yield spec, flat[spec.path]
+
+
+def to_hf(family: Family, config, variables) -> dict[str, np.ndarray]:
+  """HF state dict (name -> numpy array) of a float zoo tree; the inverse of
+  `from_hf`. Compressed leaves are refused (export them with hub's GPTQ
+  writer, or materialize the tree first)."""
+  from compressjax.core.tree import is_compressed
+  out = {}
+  for spec, x in hf_leaves(family, config, variables):
     if is_compressed(x):
       raise CompressionError(
           "a compressed leaf has no HF float layout; export it with "
-          "hub.save_gptq (int4/int8 groups) or cj.materialize_tree the tree "
+          "hub.save_gptq (int2/3/4/8 groups) or cj.materialize_tree the tree "
           "first", spec.path)
     out[spec.hf] = np.ascontiguousarray(spec.to_hf(np.asarray(x)))
   return out
