@@ -93,6 +93,7 @@ import re
 import warnings
 from typing import Any
 
+import jax
 import numpy as np
 
 from pallas_kernels import layout
@@ -143,6 +144,16 @@ class GPTQReport:
     return all(l.scales_exact for l in self.layers)
 
 
+@jax.jit
+def _dense_parts(q: QArray):
+  """(code values q - 0, float32 scales, materialize()) in one compiled call
+  per layer shape and format, instead of one per jnp op."""
+  return q.fmt.decode(q.stored_codes()), q.scale_values(), q.materialize()
+
+
+_pack = jax.jit(layout.pack, static_argnums=(1, 2))
+
+
 def pack_int32(u, bits: int, axis: int) -> np.ndarray:
   """int32 words of unsigned codes `u` (< 2^bits) packed along `axis`, LSB
   first (module doc); the axis length times `bits` must be a multiple of 32."""
@@ -150,7 +161,7 @@ def pack_int32(u, bits: int, axis: int) -> np.ndarray:
   n = u.shape[axis]
   if n * bits % 32:
     raise ValueError(f"{n} codes of {bits} bits do not fill whole int32 words")
-  b = np.moveaxis(np.asarray(layout.pack(u, bits, axis)), axis, -1)
+  b = np.moveaxis(np.asarray(_pack(u, bits, axis)), axis, -1)
   words = np.ascontiguousarray(b).view("<i4").astype(np.int32)
   return np.ascontiguousarray(np.moveaxis(words, -1, axis))
 
@@ -192,8 +203,8 @@ def _layer(module: str, path: str, q: QArray, checkpoint_format: str
         f"words, so in_features and out_features must be multiples of "
         f"{word}; skip this layer with a rule when quantizing", path)
   half, top = 1 << (bits - 1), (1 << bits) - 1
-  codes = np.asarray(fmt.decode(q.stored_codes()), np.float64)
-  scale = np.asarray(q.scale_values(), np.float32)
+  codes, scale, w = (np.asarray(a) for a in _dense_parts(q))
+  codes = codes.astype(np.float64)
   groups = scale.shape[0]
   gsize = k // groups
   scale = np.broadcast_to(scale, (groups, n))
@@ -224,8 +235,7 @@ def _layer(module: str, path: str, q: QArray, checkpoint_format: str
   # The exported weight, as materialize() forms it (float32, then q.dtype).
   w_gptq = ((u.astype(np.float32) - np.repeat(z, gsize, 0).astype(np.float32))
             * np.repeat(s32, gsize, 0)).astype(q.dtype).astype(np.float32)
-  w = np.asarray(q.materialize(), np.float32)
-  diff = w_gptq - w
+  diff = w_gptq - w.astype(np.float32)
   norm = float(np.linalg.norm(w))
   rep = LayerExport(
       module=module, path=path, bits=bits,

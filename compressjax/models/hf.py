@@ -96,11 +96,16 @@ class Family:
 
   def canonical(self, names, known=()) -> dict[str, str]:
     """Checkpoint name -> the name `tensors` uses (prefix added where the
-    checkpoint omits it and the prefixed name is a known tensor, so a name
-    outside the prefix, e.g. 'lm_head.weight', stays as it is)."""
+    checkpoint omits it and the prefixed name is a known tensor or an
+    ignored buffer, so a name outside the prefix, e.g. 'lm_head.weight',
+    stays as it is)."""
     p, known = self.optional_prefix, set(known)
-    return {n: p + n if p and n not in known and p + n in known else n
-            for n in names}
+
+    def fix(n):
+      if not p or n in known or self.is_ignored(n):
+        return n
+      return p + n if p + n in known or self.is_ignored(p + n) else n
+    return {n: fix(n) for n in names}
 
   def param_shapes(self, config) -> dict[str, tuple[int, ...]]:
     """Zoo param path -> shape, from an abstract init (no compute)."""
