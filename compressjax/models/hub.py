@@ -235,8 +235,15 @@ def load_pretrained(path, dtype=None) -> Pretrained:
   def cast(a, dt):
     return a if a.dtype == dt else a.astype(dt)
 
-  variables = hf.from_hf(family, config, ckpt.get, ckpt.names, dtype=target,
-                         cast=cast)
+  try:
+    variables = hf.from_hf(family, config, ckpt.get, ckpt.names,
+                           dtype=target, cast=cast)
+  except CompressionError as e:
+    if str(path) in str(e):  # already names its file
+      raise
+    err = CompressionError(f"{path}: {e}")  # name the checkpoint
+    err.path = e.path
+    raise err from None
   return Pretrained(family, config, family.build(config), variables,
                     load_tokenizer(path, hf_config), hf_config, path)
 

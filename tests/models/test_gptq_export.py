@@ -264,3 +264,21 @@ def test_refused_tree_level(toy, tmp_path):
   with pytest.raises(CompressionError, match="checkpoint_format 'gptq_v3'"):
     hub.save_gptq(tmp_path, toy, q, checkpoint_format="gptq_v3")
   assert not tmp_path.joinpath("config.json").exists()
+
+
+def test_bfloat16_qarray(toy, tmp_path):
+  """A bf16 model's QArray: W = (q - z) * s in float32 then rounded to
+  bfloat16 is materialize() exactly."""
+  rng = np.random.default_rng(2)
+  qa = _qarray(rng.integers(0, 256, (32, 32)),
+               rng.uniform(1e-3, 1e-2, (2, 32)).astype(np.float16),
+               rng.integers(1, 256, (2, 32)), 8, False, dtype="bfloat16")
+  rep = hub.save_gptq(tmp_path, toy, _with(toy, PROJ, qa), dtype="bfloat16")
+  w, t, cfg = read_gptq(tmp_path, HF[PROJ], "gptq")
+  ref = np.asarray(materialize(qa))
+  assert ref.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(w.astype(jnp.bfloat16), ref)
+  assert rep.layers[0].max_abs_error == 0 and cfg["bits"] == 8
+  with safe_open(str(tmp_path / "model.safetensors"), "numpy") as h:
+    assert h.get_tensor("model.proj.bias").dtype == jnp.bfloat16
+    assert h.get_tensor(HF[PROJ] + ".scales").dtype == np.float16
