@@ -235,7 +235,8 @@ def _layer(module: str, path: str, q: QArray, checkpoint_format: str
   s32 = s16.astype(np.float32)
   # The exported weight, as materialize() forms it (float32, then q.dtype).
   w_gptq = ((u.astype(np.float32) - np.repeat(z, gsize, 0).astype(np.float32))
-            * np.repeat(s32, gsize, 0)).astype(jnp.dtype(q.dtype)).astype(np.float32)
+            * np.repeat(s32, gsize, 0))
+  w_gptq = w_gptq.astype(jnp.dtype(q.dtype)).astype(np.float32)
   diff = w_gptq - w.astype(np.float32)
   norm = float(np.linalg.norm(w))
   rep = LayerExport(

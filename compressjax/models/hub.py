@@ -1,7 +1,8 @@
 """Hugging Face model directories in and out.
 
     pre = load_pretrained("path/to/llama", dtype="bfloat16")
-    logits = pre.module.apply(pre.variables, pre.tokenizer.encode_padded(["hi"])[0])
+    ids, mask = pre.tokenizer.encode_padded(["hello", "hi there"])
+    logits = pre.module.apply(pre.variables, ids)
     save_pretrained("out/", pre)                       # float, same HF layout
     save_gptq("out-gptq/", pre, cj.quantize(pre.variables, 4, group_size=128,
                                             scale_dtype=jnp.float16))
@@ -45,10 +46,9 @@ INDEX = "model.safetensors.index.json"
 GENERATION_CONFIG = "generation_config.json"
 _SHARD = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
 
-# safetensors dtype -> numpy dtype of the weights we read. F64 is read as
-# float32 (jax keeps no float64 without x64).
-_READ_DTYPES = {"F32": np.float32, "F16": np.float16,
-                "BF16": ml_dtypes.bfloat16, "F64": np.float32}
+# safetensors dtypes of float weights; F64 is read as float32 (jax keeps no
+# float64 without x64).
+_READ_DTYPES = ("F32", "F16", "BF16", "F64")
 _TARGETS = {"float32": np.float32, "float16": np.float16,
             "bfloat16": ml_dtypes.bfloat16}
 _ALIASES = {"f32": "float32", "fp32": "float32", "f16": "float16",

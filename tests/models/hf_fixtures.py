@@ -91,7 +91,7 @@ def write_tokenizer(path, texts: Sequence[str], vocab_size: int = 300,
   return tk
 
 
-# -- a toy family ---------------------------------------------------------------
+# -- a toy family --------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,7 +31,7 @@ HF = {UP: "model.layers.0.up", DOWN: "model.layers.0.down",
       PROJ: "model.proj", "params/lm_head/kernel": "lm_head"}
 
 
-# -- an independent reader of the published layout ------------------------------
+# -- an independent reader of the published layout -----------------------------
 
 
 def unpack_words(words, bits: int, count: int, axis: int) -> np.ndarray:
@@ -70,7 +70,7 @@ def read_gptq(path, module: str, fmt: str):
   return w, t, cfg
 
 
-# -- fixtures -------------------------------------------------------------------
+# -- fixtures ------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,7 @@ def _leaf(variables, path):
   return node
 
 
-# -- exactness ------------------------------------------------------------------
+# -- exactness -----------------------------------------------------------------
 
 
 @pytest.mark.parametrize("bits,sym,group,fmt", [
