@@ -76,9 +76,10 @@ class Family:
     tensors: zoo config -> every HF tensor, in state-dict order.
     ignored: regexes (fullmatch) of HF tensor names that are buffers, not
       params (e.g. rotary `inv_freq`, GPT-2's `attn.bias` causal mask).
-    optional_prefix: a prefix of the `tensors` names that checkpoints may
-      omit (GPT2Model saves 'h.0...' where GPT2LMHeadModel saves
-      'transformer.h.0...'); `canonical` adds it back.
+    optional_prefix: a prefix that checkpoints may add to or omit from the
+      `tensors` names of the base model (GPT2Model saves 'h.0...' where
+      GPT2LMHeadModel saves 'transformer.h.0...'); `canonical` maps either
+      spelling to the table's.
   """
 
   name: str
@@ -94,11 +95,30 @@ class Family:
   def is_ignored(self, hf_name: str) -> bool:
     return any(re.fullmatch(p, hf_name) for p in self.ignored)
 
-  def canonical(self, names) -> dict[str, str]:
-    """Checkpoint name -> the name `tensors` uses (prefix added where the
-    checkpoint omits it and the prefixed name is a known tensor)."""
+  def canonical(self, names, known=None) -> dict[str, str]:
+    """Checkpoint name -> the name `tensors` uses: the prefix added where the
+    checkpoint omits it (or dropped where the checkpoint has it and the
+    table does not). With `known` (the table's names) a name changes only
+    when that makes it known, so head tensors outside the prefix
+    ('classifier.weight' beside 'vit.encoder...') and unknown names stay as
+    the checkpoint spells them; without it the prefix is added to every
+    name that lacks it."""
     p = self.optional_prefix
-    return {n: p + n if p and not n.startswith(p) else n for n in names}
+    if not p:
+      return {n: n for n in names}
+    if known is None:
+      return {n: n if n.startswith(p) else p + n for n in names}
+    known = set(known)
+
+    def one(n):
+      if n in known:
+        return n
+      if not n.startswith(p) and p + n in known:
+        return p + n
+      if n.startswith(p) and n[len(p):] in known:
+        return n[len(p):]
+      return n
+    return {n: one(n) for n in names}
 
   def param_shapes(self, config) -> dict[str, tuple[int, ...]]:
     """Zoo param path -> shape, from an abstract init (no compute)."""
@@ -160,7 +180,7 @@ def check_names(family: Family, config, names) -> None:
   specs = family.tensors(config)
   known = {s.hf for s in specs}
   need = {s.hf for s in specs if s.path is not None}
-  names = set(family.canonical(names).values())
+  names = set(family.canonical(names, known).values())
   missing = need - names
   extra = {n for n in names - known if not family.is_ignored(n)}
   if missing or extra:
@@ -189,7 +209,8 @@ def from_hf(family: Family, config, get: Callable[[str], Any],
     cast: (array, dtype) -> array; default numpy astype (then jnp.asarray).
   """
   check_names(family, config, names)
-  stored = {c: n for n, c in family.canonical(names).items()}
+  known = {s.hf for s in family.tensors(config)}
+  stored = {c: n for n, c in family.canonical(names, known).items()}
   shapes = family.param_shapes(config)
   flat = {}
   for spec in family.tensors(config):
