@@ -20,6 +20,8 @@ attention_mask 1 = real token, 0 = padding; None = all real, all type 0):
     emb = model.apply(variables, input_ids, attention_mask,
                       method="sentence_embedding")          # (B, D) mean pool
     emb = mean_pool(hidden, attention_mask, normalize=True)  # same, L2 norm
+    logits = model.apply(variables, input_ids, attention_mask,
+                         method="logits")     # (B, num_labels), num_labels > 0
 
 `hidden` is the last layer's output (B, T, D), HF's `last_hidden_state`
 (padding positions hold values too, as in HF; `mean_pool` skips them).
@@ -38,13 +40,19 @@ weight/bias -> `scale`/`bias`; Embedding weight -> `embedding`:
   params/encoder/layer_{i}/output/dense/{kernel,bias}
   params/encoder/layer_{i}/output/LayerNorm/{scale,bias}
   params/pooler/dense/{kernel,bias}                 (config.pooler)
+  params/classifier/{kernel,bias}                   (BERT, num_labels > 0)
+  params/classifier/{dense,out_proj}/{kernel,bias}  (RoBERTa, num_labels > 0)
 
 HF loading (`compressjax.models.hf`): families "bert" (model_type "bert";
 checkpoints as BertModel, 'embeddings...', or with the 'bert.' prefix of
 BertFor* models) and "roberta" (model_type "roberta", prefix 'roberta.').
-Head-less only: a checkpoint holding a task head (cls.*, classifier.*,
-lm_head.*, qa_outputs.*) is refused by name. With `mutable=["intermediates"]`
-the apply also returns each layer's output and attention probabilities.
+Heads: the sequence-classification one (architectures
+[Bert|Roberta]ForSequenceClassification: `num_labels` > 0; BERT: a Linear on
+the pooled output; RoBERTa: dense, tanh, out_proj on the <s> token, no
+pooler). Other heads (cls.* of MaskedLM / PreTraining, lm_head.*,
+qa_outputs.*, a token classifier) are not implemented: such a checkpoint is
+refused naming its head tensors. With `mutable=["intermediates"]` the apply
+also returns each layer's output and attention probabilities.
 """
 
 from __future__ import annotations
@@ -95,7 +103,8 @@ def check_activation(key: str, value: Any) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class BertConfig:
-  """Field names are HF config.json keys (except `pooler`, `dtype`)."""
+  """Field names are HF config.json keys (except `pooler`, `dtype`;
+  `num_labels` is HF's len(id2label))."""
 
   vocab_size: int = 30522
   hidden_size: int = 768
@@ -112,6 +121,7 @@ class BertConfig:
   # pad_token_id + 1 over real tokens; padding gets pad_token_id).
   model_type: str = "bert"
   pooler: bool = True  # HF add_pooling_layer (BertModel's default)
+  num_labels: int = 0  # > 0: the sequence-classification head
   dtype: Any = jnp.float32
 
   def __post_init__(self):
@@ -132,6 +142,13 @@ class BertConfig:
         0 <= self.pad_token_id < self.vocab_size):
       raise _bad("pad_token_id", self.pad_token_id,
                  f"must be a token id below vocab_size {self.vocab_size}")
+    if (isinstance(self.num_labels, bool) or not isinstance(
+        self.num_labels, int) or self.num_labels < 0):
+      raise _bad("num_labels", self.num_labels,
+                 "must be a non-negative integer")
+    if self.num_labels and self.model_type == "bert" and not self.pooler:
+      raise _bad("add_pooling_layer", False, "BERT's classifier reads the "
+                 "pooled output; it needs the pooler")
 
   @property
   def head_dim(self) -> int:
@@ -299,9 +316,22 @@ def mean_pool(hidden, attention_mask=None, normalize: bool = False):
   return x
 
 
+class RobertaClassificationHead(nn.Module):
+  """out_proj(tanh(dense(h[:, 0]))) (HF RobertaClassificationHead)."""
+
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, hidden):
+    c = self.config
+    x = jnp.tanh(dense(c, c.hidden_size, "dense")(hidden[:, 0]))
+    return dense(c, c.num_labels, "out_proj")(x)
+
+
 class BertModel(nn.Module):
   """HF BertModel / RobertaModel: ids (B, T) -> last hidden states (B, T, D)
-  (methods `pooled`, `sentence_embedding`; see the module docstring)."""
+  (methods `pooled`, `sentence_embedding`, `logits`; see the module
+  docstring)."""
 
   config: BertConfig
 
@@ -310,6 +340,11 @@ class BertModel(nn.Module):
     self.embeddings = BertEmbeddings(c)
     self.encoder = BertEncoder(c)
     self.pooler = BertPooler(c) if c.pooler else None
+    self.classifier = None
+    if c.num_labels:
+      self.classifier = (RobertaClassificationHead(c)
+                         if c.model_type == "roberta"
+                         else dense(c, c.num_labels, None))
 
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None):
     c = self.config
@@ -326,9 +361,24 @@ class BertModel(nn.Module):
       token_type_ids = jnp.zeros_like(input_ids)
     x = self.embeddings(input_ids, jnp.asarray(token_type_ids, jnp.int32))
     x = self.encoder(x, attention_mask)
-    if self.is_initializing() and self.pooler is not None:
-      self.pooler(x)  # create its params in init
+    if self.is_initializing():  # create the heads' params in init
+      if self.pooler is not None:
+        self.pooler(x)
+      if self.classifier is not None:
+        self._head(x)
     return x
+
+  def _head(self, hidden):
+    if self.config.model_type == "roberta":
+      return self.classifier(hidden)
+    return self.classifier(self.pooler(hidden))
+
+  def logits(self, input_ids, attention_mask=None, token_type_ids=None):
+    """[Bert|Roberta]ForSequenceClassification logits, (B, num_labels)."""
+    if self.classifier is None:
+      raise ValueError("this BertConfig has num_labels=0 (no "
+                       "sequence-classification head)")
+    return self._head(self(input_ids, attention_mask, token_type_ids))
 
   def pooled(self, input_ids, attention_mask=None, token_type_ids=None):
     """HF pooler_output: tanh(dense(hidden[:, 0])), (B, D)."""
@@ -357,7 +407,9 @@ def scale_groups(config: BertConfig, prefix: str = "params/"):
   tokens, not channels; heads are a reshape); intermediate (reads the
   attention block's LayerNorm, which is also the residual) and output dense
   (reads the activation) are explicit. The pooler reads the model's output
-  hidden states: explicit. `prefix`: the params collection's path."""
+  hidden states: explicit; so is the classifier (BERT: reads the tanh pooled
+  output; RoBERTa: dense reads the hidden states, out_proj a tanh).
+  `prefix`: the params collection's path."""
   from compressjax.quantization.scaling import ScaleGroup  # no import cycle
 
   groups = []
@@ -374,6 +426,11 @@ def scale_groups(config: BertConfig, prefix: str = "params/"):
     ]
   if config.pooler:
     groups.append(ScaleGroup((f"{prefix}pooler/dense/kernel",)))
+  if config.num_labels and config.model_type == "roberta":
+    groups += [ScaleGroup((f"{prefix}classifier/{n}/kernel",))
+               for n in ("dense", "out_proj")]
+  elif config.num_labels:
+    groups.append(ScaleGroup((f"{prefix}classifier/kernel",)))
   return tuple(groups)
 
 
@@ -408,30 +465,41 @@ def hf_embedding(name: str, prefix: str = "") -> hf.TensorSpec:
 
 
 def tensors(config: BertConfig) -> tuple[hf.TensorSpec, ...]:
-  """Every tensor of HF BertModel / RobertaModel, in state-dict order
-  (names without the 'bert.' / 'roberta.' prefix, as the bare models save
-  them; `Family.optional_prefix` accepts the prefixed spelling)."""
-  specs = [hf_embedding(f"embeddings.{n}_embeddings")
+  """Every tensor of HF BertModel / RobertaModel, in state-dict order (names
+  without the 'bert.' / 'roberta.' prefix, as the bare models save them;
+  `Family.optional_prefix` accepts the prefixed spelling), or, with
+  num_labels > 0, of [Bert|Roberta]ForSequenceClassification (prefixed base
+  names, then 'classifier.*')."""
+  p = f"{config.model_type}." if config.num_labels else ""
+  specs = [hf_embedding(f"embeddings.{n}_embeddings", p)
            for n in ("word", "position", "token_type")]
-  specs += hf_norm("embeddings.LayerNorm")
+  specs += hf_norm("embeddings.LayerNorm", p)
   for i in range(config.num_hidden_layers):
     b = f"encoder.layer.{i}."
     for n in ("query", "key", "value"):
-      specs += hf_linear(f"{b}attention.self.{n}")
-    specs += hf_linear(f"{b}attention.output.dense")
-    specs += hf_norm(f"{b}attention.output.LayerNorm")
-    specs += hf_linear(f"{b}intermediate.dense")
-    specs += hf_linear(f"{b}output.dense")
-    specs += hf_norm(f"{b}output.LayerNorm")
+      specs += hf_linear(f"{b}attention.self.{n}", p)
+    specs += hf_linear(f"{b}attention.output.dense", p)
+    specs += hf_norm(f"{b}attention.output.LayerNorm", p)
+    specs += hf_linear(f"{b}intermediate.dense", p)
+    specs += hf_linear(f"{b}output.dense", p)
+    specs += hf_norm(f"{b}output.LayerNorm", p)
   if config.pooler:
-    specs += hf_linear("pooler.dense")
+    specs += hf_linear("pooler.dense", p)
+  if config.num_labels and config.model_type == "roberta":
+    specs += hf_linear("classifier.dense") + hf_linear("classifier.out_proj")
+  elif config.num_labels:
+    specs += hf_linear("classifier")
   return tuple(specs)
 
 
 # HF BertFor*/RobertaFor* classes built without the pooler
 # (add_pooling_layer=False); every other architecture has it.
 _NO_POOLER = re.compile(r".*For(MaskedLM|TokenClassification|"
-                        r"QuestionAnswering|CausalLM)$|.*LMHeadModel$")
+                        r"QuestionAnswering|CausalLM)$|.*LMHeadModel$|"
+                        r"RobertaForSequenceClassification")
+_CLASSIFIER = {"bert": "BertForSequenceClassification",
+               "roberta": "RobertaForSequenceClassification"}
+_BARE = {"bert": "BertModel", "roberta": "RobertaModel"}
 
 # config.json keys whose other values change the network; value: the only
 # one this zoo implements
@@ -454,28 +522,39 @@ def config_from_hf(d: Mapping[str, Any], model_type: str = "bert"
   for k, want in _REQUIRED.items():
     if k in d and d[k] is not None and d[k] != want:
       raise _bad(k, d[k], f"only {want!r} is implemented")
-  archs = d.get("architectures") or []
+  archs = list(d.get("architectures") or [])
   pooler = d.get("add_pooling_layer",
                  not any(_NO_POOLER.fullmatch(a) for a in archs))
+  num_labels = 0
+  if _CLASSIFIER[mt] in archs:
+    labels = d.get("id2label")
+    num_labels = len(labels) if labels else d.get("num_labels", 2)
+    if num_labels == 0:
+      raise _bad("num_labels", 0, "a classifier with no outputs")
   names = {f.name for f in dataclasses.fields(BertConfig)} - {
-      "model_type", "pooler", "dtype"}
+      "model_type", "pooler", "dtype", "num_labels"}
   kw = {**_DEFAULTS[mt], **{k: d[k] for k in names if k in d}}
   if kw["pad_token_id"] is None and mt == "bert":
     kw["pad_token_id"] = 0  # only RoBERTa's positions read it
-  return BertConfig(model_type=mt, pooler=bool(pooler), **kw)
+  return BertConfig(model_type=mt, pooler=bool(pooler),
+                    num_labels=num_labels, **kw)
 
 
 def config_to_hf(config: BertConfig) -> dict:
   """A config.json HF transformers reads back as the same model."""
-  out = {"model_type": config.model_type,
-         "architectures": ["RobertaModel" if config.model_type == "roberta"
-                           else "BertModel"]}
+  mt = config.model_type
+  arch = _CLASSIFIER[mt] if config.num_labels else _BARE[mt]
+  out = {"model_type": mt, "architectures": [arch]}
   for f in dataclasses.fields(config):
-    if f.name not in ("model_type", "pooler", "dtype"):
+    if f.name not in ("model_type", "pooler", "dtype", "num_labels"):
       out[f.name] = getattr(config, f.name)
   out.update(_REQUIRED)
-  if not config.pooler:  # compressjax's key; HF BertModel would add one
-    out["add_pooling_layer"] = False
+  if config.num_labels:
+    out["id2label"] = {str(i): f"LABEL_{i}" for i in range(config.num_labels)}
+    out["label2id"] = {f"LABEL_{i}": i for i in range(config.num_labels)}
+  if config.pooler == bool(_NO_POOLER.fullmatch(arch)):
+    # not the class's default: compressjax's key (HF builds the default)
+    out["add_pooling_layer"] = config.pooler
   return out
 
 

@@ -60,8 +60,10 @@ def attention(sd, name, x, heads, mask=None, qkv_bias=True):
 
 def bert_forward(sd, cfg, input_ids, attention_mask=None,
                  token_type_ids=None, prefix=""):
-  """{'hidden': (B, T, D), 'pooled': (B, D) or None} of HF BertModel (or
-  RobertaModel, cfg['model_type'] == 'roberta')."""
+  """{'hidden': (B, T, D), 'pooled': (B, D) or None, 'logits': (B, L) or
+  None} of HF BertModel (or RobertaModel, cfg['model_type'] == 'roberta';
+  logits of [Bert|Roberta]ForSequenceClassification when the state dict
+  has 'classifier.*')."""
   p = prefix
   eps = cfg["layer_norm_eps"]
   act = ACT[cfg["hidden_act"]]
@@ -91,10 +93,15 @@ def bert_forward(sd, cfg, input_ids, attention_mask=None,
     h = act(linear(sd, l + "intermediate.dense", a))
     x = layer_norm(sd, l + "output.LayerNorm",
                    linear(sd, l + "output.dense", h) + a, eps)
-  pooled = None
+  pooled = logits = None
   if p + "pooler.dense.weight" in sd:
     pooled = np.tanh(linear(sd, p + "pooler.dense", x[:, 0]))
-  return {"hidden": x, "pooled": pooled}
+  if "classifier.weight" in sd:  # BertForSequenceClassification
+    logits = linear(sd, "classifier", pooled)
+  if "classifier.out_proj.weight" in sd:  # RobertaClassificationHead
+    logits = linear(sd, "classifier.out_proj",
+                    np.tanh(linear(sd, "classifier.dense", x[:, 0])))
+  return {"hidden": x, "pooled": pooled, "logits": logits}
 
 
 def mean_pool(hidden, attention_mask, normalize=False):
@@ -106,15 +113,17 @@ def mean_pool(hidden, attention_mask, normalize=False):
   return x
 
 
-def random_bert_state_dict(cfg, rng, prefix="", pooler=True):
+def random_bert_state_dict(cfg, rng, prefix="", pooler=True, num_labels=0):
   """HF BertModel state dict (float32 numpy, PyTorch layouts), including the
-  `embeddings.position_ids` buffer older transformers save."""
+  `embeddings.position_ids` buffer older transformers save; with num_labels
+  that of [Bert|Roberta]ForSequenceClassification (pass the prefix, and
+  pooler=False for RoBERTa)."""
   d, f = cfg["hidden_size"], cfg["intermediate_size"]
   sd = {}
 
-  def lin(name, n_out, n_in):
-    sd[f"{prefix}{name}.weight"] = rng.normal(0, 0.3, (n_out, n_in))
-    sd[f"{prefix}{name}.bias"] = rng.normal(0, 0.1, (n_out,))
+  def lin(name, n_out, n_in, pre=prefix):
+    sd[f"{pre}{name}.weight"] = rng.normal(0, 0.3, (n_out, n_in))
+    sd[f"{pre}{name}.bias"] = rng.normal(0, 0.1, (n_out,))
 
   def ln(name):
     sd[f"{prefix}{name}.weight"] = 1 + rng.normal(0, 0.2, (d,))
@@ -139,6 +148,11 @@ def random_bert_state_dict(cfg, rng, prefix="", pooler=True):
     ln(l + "output.LayerNorm")
   if pooler:
     lin("pooler.dense", d, d)
+  if num_labels and cfg["model_type"] == "roberta":
+    lin("classifier.dense", d, d, "")
+    lin("classifier.out_proj", num_labels, d, "")
+  elif num_labels:
+    lin("classifier", num_labels, d, "")
   sd = {k: v.astype(np.float32) for k, v in sd.items()}
   sd[f"{prefix}{e}position_ids"] = np.arange(
       cfg["max_position_embeddings"], dtype=np.int64)[None]

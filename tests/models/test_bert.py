@@ -51,35 +51,46 @@ def load(cfg_dict, sd):
   return family, config, variables
 
 
-# ('bert.' prefixed loading: test_round_trip_and_prefixes; gelu_new: ViT's)
-@pytest.mark.parametrize("model_type,prefix,act", [
-    ("bert", "", "gelu"), ("roberta", "roberta.", "relu")])
-def test_matches_reference(model_type, prefix, act):
+# BertModel (bare names, pooler) and RobertaForSequenceClassification
+# ('roberta.' names, classifier.dense/out_proj, no pooler). BERT's classifier
+# and 'bert.' names: setup_small's tests; gelu_new: ViT's test.
+@pytest.mark.parametrize("model_type,act", [("bert", "gelu"),
+                                            ("roberta", "relu")])
+def test_matches_reference(model_type, act):
   rng = np.random.default_rng(0)
+  roberta = model_type == "roberta"
   cfg = hf_config(model_type, hidden_act=act)
-  sd = ref.random_bert_state_dict(cfg, rng, prefix)
+  if roberta:
+    cfg.update(architectures=["RobertaForSequenceClassification"],
+               id2label={"0": "neg", "1": "neu", "2": "pos"})
+  prefix = "roberta." if roberta else ""
+  sd = ref.random_bert_state_dict(cfg, rng, prefix, pooler=not roberta,
+                                  num_labels=3 if roberta else 0)
   _, config, variables = load(cfg, sd)
+  assert (config.pooler, config.num_labels) == ((False, 3) if roberta
+                                                else (True, 0))
   ids, mask, tt = inputs(cfg, rng)
   want = ref.bert_forward(sd, cfg, ids, mask, tt, prefix)
   model = bert.BertModel(config)
+  head = "logits" if roberta else "pooled"
 
   @jax.jit
   def outs(v):
     hidden = model.apply(v, ids, mask, tt)
-    return dict(
-        hidden=hidden,
-        pooled=model.apply(v, ids, mask, tt, method="pooled"),
-        emb=model.apply(v, ids, mask, tt, method="sentence_embedding"),
-        emb_n=bert.mean_pool(hidden, mask, normalize=True))
+    return {
+        "hidden": hidden,
+        head: model.apply(v, ids, mask, tt, method=head),
+        "emb": model.apply(v, ids, mask, tt, method="sentence_embedding"),
+        "emb_n": bert.mean_pool(hidden, mask, normalize=True)}
 
   got = outs(variables)
   diffs = {
       "hidden": np.abs(got["hidden"] - want["hidden"]).max(),
-      "pooled": np.abs(got["pooled"] - want["pooled"]).max(),
+      head: np.abs(got[head] - want[head]).max(),
       "emb": np.abs(got["emb"] - ref.mean_pool(want["hidden"], mask)).max(),
       "emb_n": np.abs(got["emb_n"] - ref.mean_pool(want["hidden"], mask,
                                                    True)).max()}
-  print(model_type, prefix, act, {k: f"{v:.2e}" for k, v in diffs.items()})
+  print(model_type, act, {k: f"{v:.2e}" for k, v in diffs.items()})
   assert all(v <= TOL for v in diffs.values()), diffs
   # padding changes nothing for the real tokens of a row (row 2: 2 tokens)
   short = model.apply(variables, ids[2:, :2], mask[2:, :2], tt[2:, :2])
@@ -100,13 +111,22 @@ def test_round_trip_and_prefixes():
   for k, a in out.items():
     assert a.dtype == bare[k].dtype and a.shape == bare[k].shape, k
     np.testing.assert_array_equal(a, bare[k], err_msg=k)
-  for mt in ("bert", "roberta"):
-    c = hf.family_for(mt).config_from_hf(hf_config(mt))
-    back = hf.family_for(mt).config_from_hf(hf.family_for(mt).config_to_hf(c))
-    assert back == c
-  nopool = family.config_from_hf(hf_config(architectures=["BertForMaskedLM"]))
-  assert not nopool.pooler
-  assert family.config_from_hf(family.config_to_hf(nopool)) == nopool
+  for c in (hf_config(), hf_config("roberta"),
+            hf_config(architectures=["BertForMaskedLM"]),
+            hf_config(architectures=["BertForSequenceClassification"]),
+            hf_config("roberta", architectures=[
+                "RobertaForSequenceClassification"], num_labels=4)):
+    f = hf.family_for(c["model_type"])
+    config = f.config_from_hf(c)
+    assert f.config_from_hf(f.config_to_hf(config)) == config
+  assert not family.config_from_hf(hf_config(
+      architectures=["BertForMaskedLM"])).pooler
+  assert family.config_from_hf(hf_config(
+      architectures=["BertForSequenceClassification"])).num_labels == 2
+  # a round trip of a config unlike its HF class: the pooler flag is kept
+  odd = bert.BertConfig(**{**bert.config_from_hf(hf_config()).__dict__,
+                           "pooler": False})
+  assert family.config_from_hf(family.config_to_hf(odd)) == odd
 
 
 def test_checkpoint_mismatch_is_named():
@@ -129,6 +149,14 @@ def test_checkpoint_mismatch_is_named():
   with pytest.raises(cj.CompressionError, match=r"encoder\.layer\.1\."
                      r"intermediate\.dense\.weight.*\(16, 24\).*\(24, 16\)"):
     hf.from_hf(family, config, bad.__getitem__, list(bad))
+  # a token classifier's 'classifier.*' is not the sequence head: refused
+  tok = hf_config(architectures=["BertForTokenClassification"])
+  sd = ref.random_bert_state_dict(tok, rng, "bert.", pooler=False)
+  sd.update({"classifier.weight": np.zeros((5, 16), np.float32),
+             "classifier.bias": np.zeros(5, np.float32)})
+  with pytest.raises(cj.CompressionError, match=r"unexpected tensors "
+                     r"classifier\.bias, classifier\.weight"):
+    hf.from_hf(family, family.config_from_hf(tok), sd.__getitem__, list(sd))
 
 
 @pytest.mark.parametrize("key,value", [
@@ -139,6 +167,16 @@ def test_checkpoint_mismatch_is_named():
 def test_bad_config_names_key(key, value):
   with pytest.raises(cj.CompressionError, match=repr(key)):
     bert.config_from_hf(hf_config(**{key: value}))
+
+
+def test_bad_head_config_names_key():
+  with pytest.raises(cj.CompressionError, match="'num_labels'"):
+    bert.config_from_hf(hf_config(
+        architectures=["BertForSequenceClassification"], num_labels=0))
+  with pytest.raises(cj.CompressionError, match="'add_pooling_layer'"):
+    bert.config_from_hf(hf_config(
+        architectures=["BertForSequenceClassification"],
+        add_pooling_layer=False))
 
 
 def test_too_long_input():
@@ -152,33 +190,36 @@ def test_too_long_input():
 
 
 def setup_small(seed, layers=2):
+  """BertForSequenceClassification ('bert.' names, pooler, classifier)."""
   rng = np.random.default_rng(seed)
-  cfg = hf_config(num_hidden_layers=layers)
-  sd = ref.random_bert_state_dict(cfg, rng)
+  cfg = hf_config(num_hidden_layers=layers,
+                  architectures=["BertForSequenceClassification"],
+                  id2label={"0": "a", "1": "b"})
+  sd = ref.random_bert_state_dict(cfg, rng, "bert.", num_labels=2)
   _, config, variables = load(cfg, sd)
   ids, mask, tt = inputs(cfg, rng)
-  return config, variables, (ids, mask, tt), ref.bert_forward(
-      sd, cfg, ids, mask, tt)
+  return cfg, config, variables, (ids, mask, tt), ref.bert_forward(
+      sd, cfg, ids, mask, tt, "bert.")
 
 
 def test_quantized_run_and_default_filter():
-  config, variables, args, want = setup_small(3, layers=1)
+  cfg, config, variables, args, want = setup_small(3, layers=1)
   model = bert.BertModel(config)
   # default_filter: every Dense kernel; no embedding, LayerNorm or bias
   selected = {p for p, x in leaves_with_paths(variables)
               if default_filter(p, x)}
   kernels = {s.path for s in bert.tensors(config) if s.layout == "linear"}
-  assert selected == kernels and len(kernels) == 6 + 1
+  assert selected == kernels and len(kernels) == 6 + 2
+  assert "params/classifier/kernel" in kernels
 
   q = cj.quantize(variables, 8)
   assert {p for p, _ in iter_compressed(q)} == kernels
-  run = jax.jit(lambda t: cj.run(model, t, *args))(q)
+  run = jax.jit(lambda t: cj.run(model, t, *args, method="logits"))(q)
   # the materialized tree's output, by the reference on its HF export
   sd = hf.to_hf(hf.family_for("bert"), config, cj.materialize_tree(q))
-  dense = ref.bert_forward(sd, hf_config(num_hidden_layers=1), *args)[
-      "hidden"]
+  dense = ref.bert_forward(sd, cfg, *args, prefix="bert.")["logits"]
   np.testing.assert_allclose(run, dense, atol=1e-5)
-  err = np.abs(run - want["hidden"]).max()
+  err = np.abs(run - want["logits"]).max()
   assert 1e-4 < err < 0.1, err  # int8 moved it, a little
 
 
@@ -186,19 +227,21 @@ def test_scale_groups_fold_exactly():
   """Random positive scales applied with apply_scales (folded where a group
   has a producer, explicit InputTransforms elsewhere) leave the hidden states
   and the pooled output unchanged."""
-  config, variables, args, want = setup_small(4)
+  _, config, variables, args, want = setup_small(4)
   model = bert.BertModel(config)
   kernels = {s.path for s in bert.tensors(config) if s.layout == "linear"}
   groups = plan_groups(variables, bert.scale_groups(config), kernels)
   assert {c for g in groups for c in g.consumers} == kernels
   assert sum(g.foldable for g in groups) == 2  # value -> output dense only
+  assert len(groups) == 2 * 4 + 2  # + pooler, classifier
   leaves = dict(leaves_with_paths(variables))
   srng = np.random.default_rng(5)
   scales = [srng.uniform(0.5, 2.0, leaves[g.consumers[0]].shape[0])
             for g in groups]
   scaled = apply_scales(variables, groups, scales)
-  hidden, pooled = jax.jit(lambda v: (
-      cj.run(model, v, *args), cj.run(model, v, *args, method="pooled")))(
-          scaled)
+  hidden, pooled, logits = jax.jit(lambda v: (
+      cj.run(model, v, *args), cj.run(model, v, *args, method="pooled"),
+      cj.run(model, v, *args, method="logits")))(scaled)
   np.testing.assert_allclose(hidden, want["hidden"], atol=TOL)
   np.testing.assert_allclose(pooled, want["pooled"], atol=TOL)
+  np.testing.assert_allclose(logits, want["logits"], atol=TOL)
