@@ -84,7 +84,8 @@ ACTIVATIONS: dict[str, Callable] = {
 MODEL_TYPES = ("bert", "roberta")
 
 
-def _bad(key: str, value: Any, why: str) -> CompressionError:
+def config_error(key: str, value: Any, why: str) -> CompressionError:
+  """CompressionError naming the config.json key and its bad value."""
   return CompressionError(f"config key {key!r} = {value!r}: {why}")
 
 
@@ -92,13 +93,13 @@ def check_positive(config: Any, keys) -> None:
   for k in keys:
     v = getattr(config, k)
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-      raise _bad(k, v, "must be a positive integer")
+      raise config_error(k, v, "must be a positive integer")
 
 
 def check_activation(key: str, value: Any) -> None:
   if not isinstance(value, str) or value not in ACTIVATIONS:
-    raise _bad(key, value, f"unsupported activation; supported: "
-               f"{', '.join(sorted(ACTIVATIONS))}")
+    raise config_error(key, value, f"unsupported activation; supported: "
+                       f"{', '.join(sorted(ACTIVATIONS))}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,25 +131,25 @@ class BertConfig:
                           "max_position_embeddings", "type_vocab_size"))
     check_activation("hidden_act", self.hidden_act)
     if self.hidden_size % self.num_attention_heads:
-      raise _bad("num_attention_heads", self.num_attention_heads,
-                 f"must divide hidden_size {self.hidden_size}")
+      raise config_error("num_attention_heads", self.num_attention_heads,
+                         f"must divide hidden_size {self.hidden_size}")
     if not (isinstance(self.layer_norm_eps, (int, float))
             and self.layer_norm_eps > 0):
-      raise _bad("layer_norm_eps", self.layer_norm_eps, "must be > 0")
+      raise config_error("layer_norm_eps", self.layer_norm_eps, "must be > 0")
     if self.model_type not in MODEL_TYPES:
-      raise _bad("model_type", self.model_type,
-                 f"must be one of {MODEL_TYPES}")
+      raise config_error("model_type", self.model_type,
+                         f"must be one of {MODEL_TYPES}")
     if not isinstance(self.pad_token_id, int) or not (
         0 <= self.pad_token_id < self.vocab_size):
-      raise _bad("pad_token_id", self.pad_token_id,
-                 f"must be a token id below vocab_size {self.vocab_size}")
+      raise config_error("pad_token_id", self.pad_token_id, "must be a "
+                         f"token id below vocab_size {self.vocab_size}")
     if (isinstance(self.num_labels, bool) or not isinstance(
         self.num_labels, int) or self.num_labels < 0):
-      raise _bad("num_labels", self.num_labels,
-                 "must be a non-negative integer")
+      raise config_error("num_labels", self.num_labels,
+                         "must be a non-negative integer")
     if self.num_labels and self.model_type == "bert" and not self.pooler:
-      raise _bad("add_pooling_layer", False, "BERT's classifier reads the "
-                 "pooled output; it needs the pooler")
+      raise config_error("add_pooling_layer", False, "BERT's classifier "
+                         "reads the pooled output; it needs the pooler")
 
   @property
   def head_dim(self) -> int:
@@ -359,6 +360,8 @@ class BertModel(nn.Module):
           f"{c.max_position_embeddings} ({c.model_type})")
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
+    if attention_mask is not None:
+      attention_mask = jnp.asarray(attention_mask)
     x = self.embeddings(input_ids, jnp.asarray(token_type_ids, jnp.int32))
     x = self.encoder(x, attention_mask)
     if self.is_initializing():  # create the heads' params in init
@@ -518,10 +521,10 @@ def config_from_hf(d: Mapping[str, Any], model_type: str = "bert"
   'roberta'); unsupported values raise CompressionError naming the key."""
   mt = d.get("model_type", model_type)
   if mt != model_type:
-    raise _bad("model_type", mt, f"this family loads {model_type!r}")
+    raise config_error("model_type", mt, f"this family loads {model_type!r}")
   for k, want in _REQUIRED.items():
     if k in d and d[k] is not None and d[k] != want:
-      raise _bad(k, d[k], f"only {want!r} is implemented")
+      raise config_error(k, d[k], f"only {want!r} is implemented")
   archs = list(d.get("architectures") or [])
   pooler = d.get("add_pooling_layer",
                  not any(_NO_POOLER.fullmatch(a) for a in archs))
@@ -530,7 +533,7 @@ def config_from_hf(d: Mapping[str, Any], model_type: str = "bert"
     labels = d.get("id2label")
     num_labels = len(labels) if labels else d.get("num_labels", 2)
     if num_labels == 0:
-      raise _bad("num_labels", 0, "a classifier with no outputs")
+      raise config_error("num_labels", 0, "a classifier with no outputs")
   names = {f.name for f in dataclasses.fields(BertConfig)} - {
       "model_type", "pooler", "dtype", "num_labels"}
   kw = {**_DEFAULTS[mt], **{k: d[k] for k in names if k in d}}

@@ -58,10 +58,10 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from compressjax.models import hf
-from compressjax.models.bert import (BertIntermediate, BertPooler, _bad,
-                                     attend, check_activation,
-                                     check_positive, dense, hf_linear,
-                                     hf_norm, hf_path, layer_norm)
+from compressjax.models.bert import (BertIntermediate, BertPooler, attend,
+                                     check_activation, check_positive,
+                                     config_error, dense, hf_linear, hf_norm,
+                                     hf_path, layer_norm)
 
 
 def _pair(v) -> tuple[int, int]:
@@ -97,25 +97,25 @@ class ViTConfig:
     check_activation("hidden_act", self.hidden_act)
     check_activation("pooler_act", self.pooler_act)
     if self.hidden_size % self.num_attention_heads:
-      raise _bad("num_attention_heads", self.num_attention_heads,
-                 f"must divide hidden_size {self.hidden_size}")
+      raise config_error("num_attention_heads", self.num_attention_heads,
+                         f"must divide hidden_size {self.hidden_size}")
     if not (isinstance(self.layer_norm_eps, (int, float))
             and self.layer_norm_eps > 0):
-      raise _bad("layer_norm_eps", self.layer_norm_eps, "must be > 0")
+      raise config_error("layer_norm_eps", self.layer_norm_eps, "must be > 0")
     for k in ("image_size", "patch_size"):
       v = getattr(self, k)
       p = _pair(v)
       if len(p) != 2 or not all(isinstance(i, int) and not isinstance(
           i, bool) and i > 0 for i in p):
-        raise _bad(k, v, "must be a positive integer or a (height, width) "
-                   "pair of them")
+        raise config_error(k, v, "must be a positive integer or a (height, "
+                           "width) pair of them")
     if any(i < p for i, p in zip(self.image_hw, self.patch_hw)):
-      raise _bad("patch_size", self.patch_size,
-                 f"is larger than image_size {self.image_size}")
+      raise config_error("patch_size", self.patch_size,
+                         f"is larger than image_size {self.image_size}")
     if (isinstance(self.num_labels, bool) or not isinstance(
         self.num_labels, int) or self.num_labels < 0):
-      raise _bad("num_labels", self.num_labels,
-                 "must be a non-negative integer")
+      raise config_error("num_labels", self.num_labels,
+                         "must be a non-negative integer")
     if self.pooler_output_size is None:  # HF's default
       object.__setattr__(self, "pooler_output_size", self.hidden_size)
     check_positive(self, ("pooler_output_size",))
@@ -348,20 +348,21 @@ def config_from_hf(d: Mapping[str, Any]) -> ViTConfig:
   CompressionError naming the key."""
   mt = d.get("model_type", "vit")
   if mt != "vit":
-    raise _bad("model_type", mt, "this family loads 'vit'")
+    raise config_error("model_type", mt, "this family loads 'vit'")
   archs = list(d.get("architectures") or [])
   unknown = [a for a in archs if a not in ("ViTModel", _CLASSIFIER)]
   if unknown:
-    raise _bad("architectures", archs,
-               "only ViTModel and ViTForImageClassification are implemented"
-               " (the masked-image-modeling decoder is not)")
+    raise config_error("architectures", archs,
+                       "only ViTModel and ViTForImageClassification are "
+                       "implemented (the masked-image-modeling decoder is "
+                       "not)")
   num_labels = 0
   if _CLASSIFIER in archs:
     labels = d.get("id2label")
     num_labels = (len(labels) if labels else d.get("num_labels", 2))
     if num_labels == 0:
-      raise _bad("num_labels", 0, "an identity classifier; load the "
-                 "checkpoint as ViTModel (architectures ['ViTModel'])")
+      raise config_error("num_labels", 0, "an identity classifier; load the "
+                         "checkpoint as ViTModel (architectures ['ViTModel'])")
   pooler = d.get("add_pooling_layer", not num_labels)
   kw = {k: d[k] for k in _HF_KEYS if k in d}
   if isinstance(kw.get("image_size"), list):
