@@ -143,6 +143,10 @@ class BertConfig:
         0 <= self.pad_token_id < self.vocab_size):
       raise config_error("pad_token_id", self.pad_token_id, "must be a "
                          f"token id below vocab_size {self.vocab_size}")
+    if max_length(self) < 1:
+      raise config_error("max_position_embeddings",
+                         self.max_position_embeddings, "RoBERTa positions "
+                         "start at pad_token_id + 1: no room for a token")
     if (isinstance(self.num_labels, bool) or not isinstance(
         self.num_labels, int) or self.num_labels < 0):
       raise config_error("num_labels", self.num_labels,

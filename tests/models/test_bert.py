@@ -173,6 +173,9 @@ def test_bad_head_config_names_key():
   with pytest.raises(cj.CompressionError, match="'num_labels'"):
     bert.config_from_hf(hf_config(
         architectures=["BertForSequenceClassification"], num_labels=0))
+  with pytest.raises(cj.CompressionError, match="'max_position_embeddings'"):
+    bert.config_from_hf(hf_config("roberta", max_position_embeddings=2),
+                        "roberta")
   with pytest.raises(cj.CompressionError, match="'add_pooling_layer'"):
     bert.config_from_hf(hf_config(
         architectures=["BertForSequenceClassification"],
