@@ -76,9 +76,10 @@ class Family:
     tensors: zoo config -> every HF tensor, in state-dict order.
     ignored: regexes (fullmatch) of HF tensor names that are buffers, not
       params (e.g. rotary `inv_freq`, GPT-2's `attn.bias` causal mask).
-    optional_prefix: a prefix of the `tensors` names that checkpoints may
-      omit (GPT2Model saves 'h.0...' where GPT2LMHeadModel saves
-      'transformer.h.0...'); `canonical` adds it back.
+    optional_prefix: a prefix that checkpoints may add to or omit from the
+      `tensors` names of the base model (GPT2Model saves 'h.0...' where
+      GPT2LMHeadModel saves 'transformer.h.0...'); `canonical` maps either
+      spelling to the table's.
   """
 
   name: str
@@ -95,17 +96,24 @@ class Family:
     return any(re.fullmatch(p, hf_name) for p in self.ignored)
 
   def canonical(self, names, known=()) -> dict[str, str]:
-    """Checkpoint name -> the name `tensors` uses (prefix added where the
-    checkpoint omits it and the prefixed name is a known tensor or an
-    ignored buffer, so a name outside the prefix, e.g. 'lm_head.weight',
-    stays as it is)."""
+    """Checkpoint name -> the name `tensors` uses: the optional prefix added
+    where the checkpoint omits it, or dropped where the checkpoint has it
+    and the table does not. A name changes only when that makes it a known
+    tensor (`known`, the table's names) or an ignored buffer, so head
+    tensors outside the prefix ('lm_head.weight', 'classifier.weight' beside
+    'vit.encoder...') and unknown names stay as the checkpoint spells them."""
     p, known = self.optional_prefix, set(known)
+    ok = lambda n: n in known or self.is_ignored(n)  # noqa: E731
 
-    def fix(n):
-      if not p or n in known or self.is_ignored(n):
+    def one(n):
+      if not p or ok(n):
         return n
-      return p + n if p + n in known or self.is_ignored(p + n) else n
-    return {n: fix(n) for n in names}
+      if not n.startswith(p) and ok(p + n):
+        return p + n
+      if n.startswith(p) and ok(n[len(p):]):
+        return n[len(p):]
+      return n
+    return {n: one(n) for n in names}
 
   def param_shapes(self, config) -> dict[str, tuple[int, ...]]:
     """Zoo param path -> shape, from an abstract init (no compute)."""
