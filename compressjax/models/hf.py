@@ -94,11 +94,18 @@ class Family:
   def is_ignored(self, hf_name: str) -> bool:
     return any(re.fullmatch(p, hf_name) for p in self.ignored)
 
-  def canonical(self, names) -> dict[str, str]:
+  def canonical(self, names, config=None) -> dict[str, str]:
     """Checkpoint name -> the name `tensors` uses (prefix added where the
-    checkpoint omits it and the prefixed name is a known tensor)."""
+    checkpoint omits it and the prefixed name is a known tensor; with no
+    config, to every name without it). Names outside the prefix (GPT-2's
+    'lm_head.weight' next to 'transformer.h.0...') stay as they are."""
     p = self.optional_prefix
-    return {n: p + n if p and not n.startswith(p) else n for n in names}
+    if not p:
+      return {n: n for n in names}
+    known = None if config is None else {s.hf for s in self.tensors(config)}
+    return {n: p + n if not n.startswith(p) and (
+        known is None or (n not in known and p + n in known)) else n
+            for n in names}
 
   def param_shapes(self, config) -> dict[str, tuple[int, ...]]:
     """Zoo param path -> shape, from an abstract init (no compute)."""
@@ -107,6 +114,69 @@ class Family:
     shapes = jax.eval_shape(
         lambda: module.init(jax.random.key(0), *self.example_args(config)))
     return {p: tuple(x.shape) for p, x in leaves_with_paths(shapes)}
+
+
+_MIRROR = {  # kind -> (zoo name of HF's `weight`, layout)
+    "linear": ("kernel", "linear"),     # nn.Linear
+    "conv1d": ("kernel", "same"),       # GPT-2's Conv1D, already (in, out)
+    "norm": ("scale", "same"),          # LayerNorm / RMSNorm
+    "embedding": ("embedding", "same"),
+}
+
+
+def mirror(hf_name: str, kind: str, prefix: str = "params/") -> TensorSpec:
+  """The spec whose zoo path mirrors the HF name: the module path with list
+  indices joined to their list ('model.layers.0.self_attn.q_proj' ->
+  'model/layers_0/self_attn/q_proj'), then `weight` renamed by `kind` (see
+  _MIRROR) and `bias` kept: 'model.layers.0.self_attn.q_proj.weight' ->
+  'params/model/layers_0/self_attn/q_proj/kernel', layout 'linear'."""
+  if kind not in _MIRROR:
+    raise ValueError(f"unknown kind {kind!r} for {hf_name}; use one of "
+                     f"{sorted(_MIRROR)}")
+  *mods, leaf = hf_name.split(".")
+  parts: list[str] = []
+  for m in mods:
+    if m.isdigit() and parts:
+      parts[-1] += f"_{m}"
+    else:
+      parts.append(m)
+  if leaf == "weight":
+    name, layout = _MIRROR[kind]
+  elif leaf == "bias":
+    name, layout = "bias", "same"
+  else:
+    raise ValueError(f"{hf_name}: expected a .weight or .bias tensor")
+  return TensorSpec(hf_name, prefix + "/".join(parts + [name]), layout)
+
+
+REQUIRED = object()  # config_field default: the key must be present
+
+
+def config_field(config: Mapping[str, Any], key: str, types: tuple,
+                 default: Any = REQUIRED, *, nullable: bool = False,
+                 positive: bool = False) -> Any:
+  """config.json's `key`, checked: a missing key takes `default` (or is an
+  error when REQUIRED); null is None when `nullable`; else the value must be
+  an instance of `types` (bool is not an int; an int is a float) and, with
+  `positive`, > 0. Raises CompressionError naming the key."""
+  if key not in config:
+    if default is REQUIRED:
+      raise CompressionError(f"config.json has no {key!r}; it is required "
+                             f"for model_type {config.get('model_type')!r}")
+    return default
+  v = config[key]
+  if v is None and nullable:
+    return None
+  ok = isinstance(v, types) and not (isinstance(v, bool) and bool not in types)
+  if not ok and float in types and isinstance(v, int) and not isinstance(
+      v, bool):
+    v, ok = float(v), True
+  if not ok or (positive and v <= 0):
+    names = " or ".join(t.__name__ for t in types)
+    raise CompressionError(
+        f"config.json {key!r} = {v!r} is not a{' positive' if positive else ''}"
+        f" {names}{' (or null)' if nullable else ''}; fix config.json")
+  return v
 
 
 FAMILIES: dict[str, Family] = {}  # by HF model_type
@@ -160,7 +230,7 @@ def check_names(family: Family, config, names) -> None:
   specs = family.tensors(config)
   known = {s.hf for s in specs}
   need = {s.hf for s in specs if s.path is not None}
-  names = set(family.canonical(names).values())
+  names = set(family.canonical(names, config).values())
   missing = need - names
   extra = {n for n in names - known if not family.is_ignored(n)}
   if missing or extra:
@@ -189,7 +259,7 @@ def from_hf(family: Family, config, get: Callable[[str], Any],
     cast: (array, dtype) -> array; default numpy astype (then jnp.asarray).
   """
   check_names(family, config, names)
-  stored = {c: n for n, c in family.canonical(names).items()}
+  stored = {c: n for n, c in family.canonical(names, config).items()}
   shapes = family.param_shapes(config)
   flat = {}
   for spec in family.tensors(config):
