@@ -38,15 +38,15 @@ CASES = {
         rope_scaling={"rope_type": "llama3", "factor": 8.0,
                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                       "original_max_position_embeddings": 64}),
-    # transformers-5 style rope_parameters
-    "llama_rope_parameters": dict(
-        rope_theta=None, rope_parameters={"rope_type": "linear",
-                                          "factor": 4.0, "rope_theta": 500.0}),
     "mistral_window": dict(model_type="mistral", num_key_value_heads=2,
                            head_dim=8, sliding_window=4),
+    # with transformers-5 style rope_parameters (theta inside)
     "qwen2_window_tied": dict(model_type="qwen2", num_key_value_heads=2,
                               use_sliding_window=True, sliding_window=3,
-                              max_window_layers=1, tie_word_embeddings=True),
+                              max_window_layers=1, tie_word_embeddings=True,
+                              rope_theta=None, rope_parameters={
+                                  "rope_type": "linear", "factor": 4.0,
+                                  "rope_theta": 500.0}),
 }
 
 
