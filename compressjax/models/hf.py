@@ -174,8 +174,8 @@ def config_field(config: Mapping[str, Any], key: str, types: tuple,
   if not ok or (positive and v <= 0):
     names = " or ".join(t.__name__ for t in types)
     raise CompressionError(
-        f"config.json {key!r} = {v!r} is not a{' positive' if positive else ''}"
-        f" {names}{' (or null)' if nullable else ''}; fix config.json")
+        f"config.json {key!r} = {v!r} must be {'a positive ' if positive else ''}"
+        f"{names}{' or null' if nullable else ''}; fix config.json")
   return v
 
 

@@ -355,7 +355,7 @@ def _rope_from_hf(d: Mapping[str, Any]) -> dict:
   def need(name, types):
     if name not in spec:
       raise CompressionError(f"config.json {key} of rope_type {kind!r} needs "
-                             f"{name!r}")
+                             f"{name!r}; add it")
     try:
       return hf.config_field(spec, name, types, positive=True)
     except CompressionError as e:
