@@ -68,9 +68,9 @@ class Policy:
   def check(self, budget: int, layer: int) -> None:
     if budget < self.min_budget():
       raise CompressionError(
-          f"{self.name}: a budget of {budget} tokens is too small; it needs "
-          f"at least {self.min_budget()} (raise the budget or change the "
-          "policy's window / sinks)", f"layer {layer}")
+          f"layer {layer}: {self.name}: a budget of {budget} tokens is too "
+          f"small; it needs at least {self.min_budget()} (raise the budget or"
+          " change the policy's window / sinks)")
 
   def stream_mask(self, budget: int) -> tuple[int | None, int]:
     """(window, sinks): a query at position i sees candidate j iff

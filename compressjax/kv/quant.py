@@ -107,17 +107,17 @@ class KVQuant:
     """Raises (naming the layer) when the groups do not fit head_dim."""
     if self.axis == "token" and head_dim % self.group(head_dim):
       raise CompressionError(
-          f"{what}: group_size {self.group_size} does not divide head_dim "
-          f"{head_dim}; pick a divisor of {head_dim}", f"layer {layer}")
+          f"layer {layer}: {what}: group_size {self.group_size} does not "
+          f"divide head_dim {head_dim}; pick a divisor of {head_dim}")
     if self.axis == "channel" and (self.group_size * self.bits) % 8:
       raise CompressionError(
-          f"{what}: a group of {self.group_size} tokens of {self.bits}-bit "
-          "codes is not a whole number of bytes; use a group_size that is a "
-          f"multiple of {8 // np.gcd(8, self.bits)}", f"layer {layer}")
-    if self.rotate and not hadamard.is_power_of_two(
-        hadamard.largest_power_of_two_divisor(head_dim)):
-      raise CompressionError(f"{what}: cannot rotate head_dim {head_dim}",
-                             f"layer {layer}")
+          f"layer {layer}: {what}: a group of {self.group_size} tokens of "
+          f"{self.bits}-bit codes is not a whole number of bytes; use a "
+          f"group_size that is a multiple of {8 // np.gcd(8, self.bits)}")
+    if self.rotate and hadamard.largest_power_of_two_divisor(head_dim) < 2:
+      raise CompressionError(
+          f"layer {layer}: {what}: a Hadamard rotation of odd head_dim "
+          f"{head_dim} is the identity; drop rotate")
 
   def signs(self, head_dim: int) -> np.ndarray:
     """The rotation's +-1 signs (a constant of the spec, not stored)."""

@@ -294,6 +294,14 @@ def _decode(q: KVQuant | None, e, dtype):
   return e if q is None else q.dequantize(e, dtype)
 
 
+def _real_rows(probs, positions):
+  """probs (B, H_kv, G, R, N) of the last R queries with the rows of padding
+  queries zeroed (a padding query sees nothing: its uniform row is no
+  vote)."""
+  real = positions[:, -probs.shape[3]:] >= 0
+  return probs * real[:, None, None, :, None]
+
+
 def _row_index(positions, targets):
   """(B, n) index t of the new token with position targets[b, i] among
   positions (B, T) (increasing over real tokens, NO_POSITION on padding)."""
@@ -398,12 +406,11 @@ class KVCache:
   def observe(self, probs, q_positions) -> "KVCache":
     """Adds attention weights over read()'s slots, (B, H_kv, G, T, S), to
     the accumulator of a stateful policy."""
-    del q_positions
     pol = self.spec.policy
     if pol is None or not pol.stateful:
       return self
     return dataclasses.replace(self, scores=self.scores + pol.increment(
-        probs, 0))
+        _real_rows(probs, q_positions), 0))
 
   def evict(self, scores, keep: int) -> "KVCache":
     """Keeps the `keep` highest-scoring entries per (row, kv head) (scores
@@ -578,7 +585,7 @@ class KVCache:
     cand_pos = jnp.concatenate([self.positions, new_pos], axis=2)
     inc = None
     if probs is not None:
-      inc = pol.increment(probs, t)
+      inc = pol.increment(_real_rows(probs, positions), t)
     if pol.stateful:
       acc = jnp.concatenate([self.scores, jnp.zeros((b, h, t), jnp.float32)],
                             axis=2)
