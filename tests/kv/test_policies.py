@@ -128,13 +128,13 @@ def _simulate(pol, q, k, v, pos, kept_in=None):
   return out, history
 
 
-def _run(spec, q, k, v, pos, rotary=None):
+def _run(spec, q, k, v, pos, rotary=None, chunks=CHUNKS):
   step = jax.jit(lambda s, q, k, v, p: s.attention(
       q, k, v, p, scale=SCALE, rotary=rotary))
   store = spec.empty(B, TOTAL, HKV, D)
   outs, history = [], []
   f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
-  for a, e in CHUNKS:
+  for a, e in chunks:
     o, store = step(store, f32(q[:, a:e]), f32(k[:, a:e]), f32(v[:, a:e]),
                     jnp.asarray(pos[:, a:e], jnp.int32))
     outs.append(np.asarray(o))
@@ -176,6 +176,28 @@ def test_policy_matches_reference(name):
   if not pol.per_head:  # one choice per layer
     kp = np.asarray(store.positions)
     assert all(np.array_equal(kp[:, 0], kp[:, h]) for h in range(HKV))
+
+
+@pytest.mark.parametrize("spec", [
+    kv.KVSpec(policy=p, budget=TOTAL) for p in
+    list(POLICIES.values()) + [kv.Random()]] + [
+        kv.KVSpec(), kv.KVSpec(attention="pallas"),
+        kv.KVSpec(policy=kv.SinkWindow(sinks=2), budget=TOTAL,
+                  attention="pallas")],
+    ids=lambda s: f"{s.policy.name if s.policy else 'none'}-{s.attention}")
+def test_budget_covering_context_is_exact(spec):
+  """Every policy keeps every token when the budget covers the context:
+  causal attention exactly (the Pallas prefill and decode kernels too)."""
+  q, k, v, pos = _data()
+  if spec.attention == "pallas":  # one unpadded prompt for every row
+    pos = np.tile(np.arange(TOTAL), (B, 1))
+  chunks = [(0, 8)] + [(i, i + 1) for i in range(8, TOTAL)]
+  got, hist, _ = _run(spec, q, k, v, pos, _rope_jnp, chunks)
+  f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+  want, _ = kv.attend(f32(q), f32(k), f32(v), pos, pos, scale=SCALE)
+  np.testing.assert_allclose(got[pos >= 0], np.asarray(want)[pos >= 0],
+                             rtol=1e-5, atol=1e-5)
+  assert hist[-1][1][0] == list(range(int((pos[1] >= 0).sum())))
 
 
 def test_random_control_is_consistent():
