@@ -151,3 +151,20 @@ def test_errors_name_the_layer():
   with pytest.raises(CompressionError, match="layer 0.*reposition=False"):
     byte.apply(bv, ids, cache=byte.init_cache(1, 8, store=kv.KVSpec(
         policy="sink", budget=6)))
+
+
+def test_evict_keeps_the_highest_scores():
+  s = kv.KVSpec(policy="h2o", budget=4).empty(1, 8, 2, 4)
+  k = jnp.arange(24.0).reshape(1, 3, 2, 4)
+  s = s.append(k, k, jnp.array([[0, 1, 2]]))
+  scores = jnp.array([[[5.0, 1.0, 3.0, 9.0], [0.0, 2.0, 1.0, 7.0]]])
+  out = s.evict(scores, 2)
+  kept = [sorted(int(p) for p in np.asarray(out.positions[0, h]) if p >= 0)
+          for h in range(2)]
+  slot_pos = np.asarray(s.positions[0])
+  want = [sorted(int(slot_pos[h, i]) for i in np.argsort(-np.where(
+      slot_pos[h] >= 0, np.asarray(scores[0, h]), -np.inf))[:2])
+          for h in range(2)]
+  assert kept == want and all(len(x) == 2 for x in kept)
+  with pytest.raises(CompressionError, match="layer 0.*keep=5"):
+    s.evict(scores, 5)
