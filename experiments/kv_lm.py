@@ -96,19 +96,28 @@ def needle_prompt(filler: np.ndarray, rng: np.random.Generator, length: int,
 
 def training_window(data: np.ndarray, rng: np.random.Generator, length: int,
                     needle_fraction: float) -> np.ndarray:
-  """length + 1 tokens: BOS + text, or (with probability needle_fraction) a
-  needle prompt of random length and depth, its answer, a newline and more
-  text."""
+  """length + 1 tokens: BOS + text, or (with probability needle_fraction)
+  BOS + text with 1-4 needle lines planted and then repeated later in a
+  random order (each repeat's value can only be predicted by finding its
+  key earlier: the retrieval skill, with up to 20 supervised bytes per
+  window)."""
   if rng.random() >= needle_fraction:
     start = int(rng.integers(0, len(data) - length))
     return np.concatenate([[BOS], data[start:start + length]]).astype(
         np.int32)
-  plen = int(rng.integers(length // 4, length - NEEDLE_VALUE_LEN - 2))
-  prompt, answer = needle_prompt(data, rng, plen, float(rng.random()))
-  rest = length + 1 - plen - len(answer) - 1
-  start = int(rng.integers(0, len(data) - rest))
-  return np.concatenate([prompt, answer, [10], data[start:start + rest]]
-                        ).astype(np.int32)
+  n = int(rng.integers(1, 5))
+  lines = [needle(rng)[0] for _ in range(n)]
+  lines += [lines[i] for i in rng.permutation(n)]
+  fill = length - sum(len(x) for x in lines)
+  cuts = np.sort(rng.integers(0, fill + 1, len(lines)))
+  sizes = np.diff(np.concatenate([[0], cuts, [fill]]))
+  start = int(rng.integers(0, len(data) - fill))
+  text = data[start:start + fill]
+  parts, at = [np.array([BOS])], 0
+  for size, line in zip(sizes, lines + [b""]):
+    parts += [text[at:at + size], np.frombuffer(line, np.uint8)]
+    at += size
+  return np.concatenate(parts).astype(np.int32)
 
 
 # ---------------------------------------------------------------------------
