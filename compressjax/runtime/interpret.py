@@ -178,7 +178,7 @@ def stacked_parts(leaf: CompressedLeaf, n: int) -> Stacked:
   sliced: dict[str, tuple[int, int, Callable | None]] = {}
   for f in leaf.data_fields:
     c = getattr(leaf, f)
-    if c is None or c.ndim != leaf.ndim:
+    if getattr(c, "ndim", None) != leaf.ndim:
       fixed[f] = c
     elif c.shape[0] == n:
       if isinstance(c, CompressedLeaf):

@@ -82,13 +82,15 @@ class ScanNet(nn.Module):
 
 
 X = jax.random.normal(jax.random.key(0), (2, 8))
+ALL = lambda p, x: True
 STACKED = [(r"params/layers/.*kernel", dict(axis=1))]
 
 
 def test_linen_scan_remat_cond_stay_compressed(dispatched, monkeypatch):
   model = ScanNet()
   v = jax.jit(model.init)(jax.random.key(1), X)
-  c = cj.quantize(v, 4, group_size=8, symmetric=False, rules=STACKED)
+  c = jax.jit(lambda v: cj.quantize(v, 4, group_size=8, symmetric=False,
+                                    rules=STACKED))(v)
   k = c["params"]["layers"]["Dense_0"]["kernel"]
   assert isinstance(k, cj.QArray) and k.shape == (3, 16, 16)
   ref = jax.jit(lambda c, x: model.apply(cj.materialize_tree(c), x))(c, X)
@@ -134,7 +136,7 @@ def test_while_fori_cond_closed_over_weights(dispatched, monkeypatch):
   p = {"w": jax.random.normal(keys[0], (16, 16)) / 4,
        "u": jax.random.normal(keys[1], (16, 16)) / 4,
        "v": jax.random.normal(keys[2], (16, 8))}
-  c = cj.quantize(p, 8, default=lambda p, x: True)
+  c = jax.jit(lambda p: cj.quantize(p, 8, default=ALL))(p)
   x = jax.random.normal(jax.random.key(3), (4, 16))
   ref = jax.jit(lambda c, x: loop_model(cj.materialize_tree(c), x))(c, x)
   forbid_materialize(monkeypatch)
@@ -201,7 +203,7 @@ def test_custom_jvp_and_vjp_bodies_dispatch_and_keep_their_rules(
   keys = jax.random.split(jax.random.key(4), 2)
   p = {"a": jax.random.normal(keys[0], (16, 16)) / 4,
        "b": jax.random.normal(keys[1], (16, 8)) / 4}
-  c = cj.quantize(p, 4, group_size=8, default=lambda p, x: True)
+  c = jax.jit(lambda p: cj.quantize(p, 4, group_size=8, default=ALL))(p)
   x = jax.random.normal(jax.random.key(5), (4, 16))
   ref = jax.jit(lambda c, x: custom_model(cj.materialize_tree(c), x))(c, x)
   forbid_materialize(monkeypatch)
@@ -222,39 +224,39 @@ def test_custom_jvp_and_vjp_bodies_dispatch_and_keep_their_rules(
 
 # -- slicing a compressed leaf along a stacked (layer) axis ------------------
 W = jax.random.normal(jax.random.key(6), (3, 32, 8))
-ALL = lambda p, x: True
 
 
-def _per_layer_qarray():
+def _per_layer_qarray(w):
   """Per-layer QArrays stacked child by child: every child carries L."""
-  qs = [quantize_array(W[i], 4, group_size=8, symmetric=False)
+  qs = [quantize_array(w[i], 4, group_size=8, symmetric=False)
         for i in range(3)]
   stack = lambda f: jnp.stack([getattr(q, f) for q in qs])
   return dataclasses.replace(qs[0], codes=stack("codes"), scale=stack("scale"),
-                             zero=stack("zero"), shape=W.shape, axis=1), qs
+                             zero=stack("zero"), shape=w.shape, axis=1), qs
 
 
-STACKABLE = {
-    "int4_g8_asym": lambda: cj.quantize({"k": W}, 4, group_size=8,
-                                        symmetric=False, axis=1,
-                                        default=ALL)["k"],
-    "int8_channel": lambda: cj.quantize({"k": W}, 8, axis=1,
-                                        default=ALL)["k"],
-    "mxfp4": lambda: cj.quantize({"k": W}, format="mxfp4", axis=1,
-                                 default=ALL)["k"],
-    "nm24": lambda: cj.sparsify({"k": W}, pattern="nm", n=2, m=4, axis=1,
-                                default=ALL)["k"],
-    "nm24_int4": lambda: cj.chain(
+STACKABLE = {  # stacked (3, 32, 8) leaves, compressed along axis 1
+    "int4_g8_asym": lambda w: cj.quantize({"k": w}, 4, group_size=8,
+                                          symmetric=False, axis=1,
+                                          default=ALL)["k"],
+    "int8_channel": lambda w: cj.quantize({"k": w}, 8, axis=1,
+                                          default=ALL)["k"],
+    "mxfp4": lambda w: cj.quantize({"k": w}, format="mxfp4", axis=1,
+                                   default=ALL)["k"],
+    "nm24": lambda w: cj.sparsify({"k": w}, pattern="nm", n=2, m=4, axis=1,
+                                  default=ALL)["k"],
+    "nm24_int4": lambda w: cj.chain(
         T.sparsify(pattern="nm", n=2, m=4, axis=1, default=ALL),
-        T.quantize(4, axis=1, default=ALL)).apply({"k": W})["k"],
-    "codebook3": lambda: cj.formats.quantize_codebook(W, 3, axis=1, iters=2),
-    "per_layer": lambda: _per_layer_qarray()[0],
+        T.quantize(4, axis=1, default=ALL)).apply({"k": w})["k"],
+    "codebook3": lambda w: cj.formats.quantize_codebook(w, 3, axis=1,
+                                                        iters=2),
+    "per_layer": lambda w: _per_layer_qarray(w)[0],
 }
 
 
 @pytest.mark.parametrize("name", sorted(STACKABLE))
 def test_slice_leading_is_exact(name):
-  leaf = STACKABLE[name]()
+  leaf = jax.jit(STACKABLE[name])(W)  # jitted: fewer compiles than eager
   dense, sliced = jax.jit(lambda l: (l.materialize(), [
       slice_leading(l, i).materialize() for i in range(3)]))(leaf)
   for i in range(3):
@@ -265,9 +267,22 @@ def test_slice_leading_is_exact(name):
     np.testing.assert_array_equal(sliced[i], dense[i])
   if name == "per_layer":  # and it is exactly the leaf that was stacked
     for s, q in zip((slice_leading(leaf, i) for i in range(3)),
-                    _per_layer_qarray()[1]):
+                    _per_layer_qarray(W)[1]):
       np.testing.assert_array_equal(s.codes, q.codes)
       np.testing.assert_array_equal(s.scale, q.scale)
+
+
+def test_reverse_scan_sees_each_layer_compressed(dispatched, monkeypatch):
+  leaf = jax.jit(STACKABLE["per_layer"])(W)
+  x = jax.random.normal(jax.random.key(7), (2, 32))
+
+  def f(t, x):  # layer i multiplies x; outputs stacked in reverse order
+    return jax.lax.scan(lambda h, k: (h, x @ k), x, t["k"], reverse=True)[1]
+  want = jax.jit(f)({"k": leaf.materialize()}, x)
+  forbid_materialize(monkeypatch)
+  y = jax.jit(lambda t, x: cj.run(f, t, x))({"k": leaf}, x)
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+  assert dispatched == [("QArray", (32, 8))]
 
 
 @pytest.mark.parametrize("leaf,why", [
@@ -284,9 +299,9 @@ def test_unsliceable_leaves_say_why_and_run_materialized(leaf, why):
   def f(t, x):  # a scan over the stacked leaf, as nn.scan emits it
     return jax.lax.scan(lambda h, k: (h, h @ k), x, t["k"])[1]
   with pytest.warns(UserWarning, match="materialized before the loop"):
-    y = cj.run(f, {"k": leaf}, x)
-  np.testing.assert_allclose(y, f({"k": leaf.materialize()}, x), rtol=1e-5,
-                             atol=1e-5)
+    y = jax.jit(lambda t, x: cj.run(f, t, x))({"k": leaf}, x)
+  want = jax.jit(lambda t, x: f(cj.materialize_tree(t), x))({"k": leaf}, x)
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
 
 
 # -- calibration observers and control flow ---------------------------------
@@ -298,11 +313,11 @@ class RematNet(nn.Module):
 
 def test_calibration_sees_through_remat_and_refuses_loop_bodies():
   model = RematNet()
-  v = model.init(jax.random.key(8), X)
+  v = jax.jit(model.init)(jax.random.key(8), X)
   stats = cj.calibrate.capture(model, v, [X])
   s = stats["params/CheckpointDense_0/kernel"]
   np.testing.assert_allclose(s.gram, X.T @ X, rtol=1e-5, atol=1e-5)
   scan_model = ScanNet()
-  v = scan_model.init(jax.random.key(1), X)
+  v = jax.jit(scan_model.init)(jax.random.key(1), X)
   with pytest.raises(cj.CompressionError, match="inside a lax.scan body"):
     cj.calibrate.capture(scan_model, v, [X])
