@@ -39,6 +39,8 @@ import traceback
 import warnings
 from typing import Any, Callable, Mapping, NamedTuple
 
+from absl import logging
+
 import jax
 import jax.extend.core as jcore
 import jax.numpy as jnp
@@ -463,14 +465,15 @@ def _param_in_traceback(e: BaseException, traced) -> tuple[str, Any] | None:
 def apply(fn: Callable[..., Any], tree: Any, *args,
           observe: Callable | None = None,
           observe_paths: frozenset[str] = frozenset(),
-          allow_unused: bool = True, **kwargs) -> Any:
+          allow_unused: bool | None = True, **kwargs) -> Any:
   """Calls `fn(tree, *args, **kwargs)` with compressed leaves kept compressed.
 
   Array leaves of args/kwargs are traced; other values (flags, strings) are
   passed to `fn` as they are. `observe(path, x, dimension_numbers)` is called
   (at trace time) with the input `x` of every matmul whose right operand is
-  the param at a path in `observe_paths`. With `allow_unused=False`, params
-  of `tree` that `fn` never reads raise TreeMismatchError.
+  the param at a path in `observe_paths`. Params of `tree` that `fn` never
+  reads raise TreeMismatchError with `allow_unused=False`, are named in a
+  warning with None, and pass silently with True.
   """
   _check_leaves(tree)
   leaves, treedef = jax.tree.flatten(tree, is_leaf=is_compressed)
@@ -507,16 +510,18 @@ def apply(fn: Callable[..., Any], tree: Any, *args,
         f"{str(e).splitlines()[0]} Check the inputs against the model, e.g. "
         "the input width it was built or initialized with", hit[0]) from None
   shaped = [(p, x) for p, x in zip(paths, leaves) if hasattr(x, "shape")]
-  if not allow_unused and len(shaped) == len(leaves):
+  if allow_unused is not True and len(shaped) == len(leaves):
     unused = [shaped[i][0] for i in _unused(closed.jaxpr, len(shaped))]
     if unused:
-      raise TreeMismatchError(
-          f"the model never reads {len(unused)} param(s) of the tree: "
-          f"{unused[:8]}{' ...' if len(unused) > 8 else ''}. They belong to "
-          "another model or method: pass the tree this model produced "
-          "(model.init(...) or nnx.state(model, nnx.Param)), or "
-          "allow_unused=True when the method uses part of the model",
-          unused[0])
+      msg = (f"the model never reads {len(unused)} param(s) of the tree: "
+             f"{unused[:8]}{' ...' if len(unused) > 8 else ''}. Fine for a "
+             "method that uses part of the model (then pass "
+             "allow_unused=True); otherwise they belong to another model: "
+             "pass the tree this model produced (model.init(...) or "
+             "nnx.state(model, nnx.Param))")
+      if allow_unused is False:
+        raise TreeMismatchError(msg, unused[0])
+      logging.warning("%s", msg)
 
   def value(p, x):
     obs = observe if p in observe_paths else None
@@ -585,7 +590,7 @@ def as_function(model: Any, tree: Any,
 
 
 def run(model: Any, tree: Any, *args, method: str | Callable | None = None,
-        allow_unused: bool = False, **kwargs) -> Any:
+        allow_unused: bool | None = None, **kwargs) -> Any:
   """The entry point: runs a model on a (possibly compressed) params tree.
 
   Args:
@@ -595,10 +600,11 @@ def run(model: Any, tree: Any, *args, method: str | Callable | None = None,
       the model); or any function `fn(tree, *args, **kwargs)`.
     tree: the compressed tree.
     method: linen method to apply, or NNX method name (default __call__).
-    allow_unused: run even if the model never reads some params of `tree`
-      (a method that uses part of the model); by default such params raise
-      TreeMismatchError, since they usually mean the tree belongs to another
-      model or was renamed.
+    allow_unused: what to do with params of `tree` the model never reads:
+      None (default) logs a warning naming them (a method may use part of
+      the model, e.g. BERT's hidden states leave the pooler unread); False
+      raises TreeMismatchError (strict: they usually mean the tree belongs
+      to another model or was renamed); True accepts them silently.
 
   Bad trees fail on entry, before any compute: a compressed leaf failing its
   `validate()` raises CompressionError; a tree that does not match the model

@@ -216,7 +216,7 @@ def test_invalid_compressed_leaf_fails_before_running():
   assert not called
 
 
-def test_params_the_model_never_reads():
+def test_params_the_model_never_reads(caplog):
   model = nn.Dense(8)
   v = model.init(jax.random.key(0), X)
   c = cj.quantize(v, 8)
@@ -224,8 +224,14 @@ def test_params_the_model_never_reads():
   with pytest.raises(cj.TreeMismatchError,
                      match=r"never reads 1 param.*'params/head/kernel'.*"
                      r"allow_unused=True"):
-    cj.run(model, c, X)
+    cj.run(model, c, X, allow_unused=False)  # strict
+  with caplog.at_level("WARNING"):
+    cj.run(model, c, X)  # default: named in a warning
+  assert "never reads 1 param(s) of the tree: ['params/head/kernel']" in \
+      caplog.text
+  caplog.clear()
   y = cj.run(model, c, X, allow_unused=True)  # the documented opt-out
+  assert "never reads" not in caplog.text
   np.testing.assert_allclose(
       y, model.apply({"params": {k: cj.materialize_tree(x) for k, x in
                                  c["params"].items() if k != "head"}}, X),
