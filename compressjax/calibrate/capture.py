@@ -95,7 +95,8 @@ def _batch_args(i: int, batch: Any, ref: Any) -> tuple[tuple, Any]:
         f"calibration batch {i} is a list: pass each batch as an array or a "
         "tuple of model args (a list is ambiguous)")
   args = batch if isinstance(batch, tuple) else (batch,)
-  flat, treedef = jax.tree_util.tree_flatten_with_path(args)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(
+      args, is_leaf=lambda x: x is None)
   if not flat:
     raise CompressionError(f"calibration batch {i} holds no arrays")
   for p, x in flat:
@@ -136,6 +137,11 @@ def capture(model: Any, params: Any, batches: Iterable[Any], *,
         f"{type(batches).__name__}; pass [x] for a single batch")
   plan = resolve(params, {}, rules, default, transform="capture")
   paths = frozenset(plan.configs)
+  if not paths:
+    raise CompressionError(
+        "capture selected no param: check `rules` and `default` (None means "
+        "rules only; default_filter picks float kernels of rank >= 2 that "
+        "are not embeddings, norms or biases)")
   fn = as_function(model, params, method)
 
   def step(params, args):
