@@ -65,12 +65,13 @@ def nearest(name: str, valid: Sequence[str]) -> str:
 
 def option(default: Any, doc: str = "", *,
            check: Callable[[Any], bool] | None = None,
-           must: str = "") -> Any:
+           must: str = "", hint: str = "") -> Any:
   """One option: its default, a line of doc, and an optional value check
   (`check(value)` true when valid; `must` says what is required, e.g.
-  "be >= 0"). None passes the check when the type allows None."""
+  "be >= 0"; `hint` is added to any error, e.g. where else to look). None
+  passes the check when the type allows None."""
   return dataclasses.field(default=default, metadata=dict(
-      doc=doc, check=check, must=must))
+      doc=doc, check=check, must=must, hint=hint))
 
 
 def _is_int(v) -> bool:
@@ -169,6 +170,7 @@ class Options(Mapping):
     hints = self.hints()
     for f in dataclasses.fields(self):
       v, hint = getattr(self, f.name), hints[f.name]
+      extra = f"; {f.metadata['hint']}" if f.metadata.get("hint") else ""
       if isinstance(v, list) and _wants_tuple(hint):
         v = tuple(v)  # frozen and hashable
         object.__setattr__(self, f.name, v)
@@ -180,12 +182,12 @@ class Options(Mapping):
           got = f", got {type(v).__name__}"
         raise CompressionError(
             f"{self.transform}: option {f.name}={v!r} must be "
-            f"{_type_name(hint)}{got}")
+            f"{_type_name(hint)}{got}{extra}")
       check = f.metadata.get("check")
       if check is not None and v is not None and not check(v):
         raise CompressionError(
             f"{self.transform}: option {f.name}={v!r} must "
-            f"{f.metadata.get('must') or 'pass its check'}")
+            f"{f.metadata.get('must') or 'pass its check'}{extra}")
 
   @classmethod
   def unknown(cls, keys, where: str = "") -> None:

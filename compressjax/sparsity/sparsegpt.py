@@ -373,7 +373,8 @@ class SparseGptOptions(rules_lib.Options):
   sparsity: float = option(0.5, "fraction of weights removed",
                            **rules_lib.interval(0, 1, hi_open=True))
   pattern: Literal["unstructured", "nm"] = option(
-      "unstructured", "unstructured (adaptive mask per block) or N:M")
+      "unstructured", "unstructured (adaptive mask per block) or N:M",
+      hint="use sparsify(...) for block or channel patterns")
   n: int = option(2, "N:M: weights kept per run", check=lambda v: v >= 1,
                   must="be >= 1")
   m: int = option(4, "N:M: run length along the input axis",

@@ -90,7 +90,8 @@ class WandaOptions(rules_lib.Options):
   sparsity: float = option(0.5, "fraction of each output's inputs removed",
                            **rules_lib.interval(0, 1, hi_open=True))
   pattern: Literal["unstructured", "nm"] = option(
-      "unstructured", "per-output unstructured, or N of every M inputs")
+      "unstructured", "per-output unstructured, or N of every M inputs",
+      hint="use sparsify(...) for block or channel patterns")
   n: int = option(2, "N:M: weights kept per run", check=lambda v: v >= 1,
                   must="be >= 1")
   m: int = option(4, "N:M: run length along the input axis",
