@@ -137,11 +137,10 @@ def _cache_dtype(tree: Any):
 
 
 def _programs(lm: CausalLM, batch: int, bucket: int, new: int,
-              sampling: Sampling, eos: tuple[int, ...], pad: int, dtype):
-  """(prefill, decode) functions for jax.jit (static settings closed over)."""
+              sampling: Sampling, pad: int, dtype):
+  """(prefill, decode) functions for jax.jit (static settings closed over;
+  the eos ids are an argument, -1 padded, so they never recompile)."""
   module = lm.module
-  eos_a = jnp.asarray(eos if eos else (-1,), jnp.int32)
-  is_eos = lambda t: jnp.isin(t, eos_a)  # noqa: E731
 
   if lm.has_cache:
     def prefill(tree, ids, mask, key):
@@ -171,9 +170,10 @@ def _programs(lm: CausalLM, batch: int, bucket: int, new: int,
       logits = lm.logits(tree, buf)
       return logits[rows, lens - 1], (buf, lens)
 
-  def decode(tree, state, tok, key):
+  def decode(tree, state, tok, key, eos):
+    is_eos = lambda t: jnp.isin(t, eos)  # noqa: E731  (-1 never matches)
     out = jnp.full((batch, new), pad, jnp.int32).at[:, 0].set(tok)
-    done = is_eos(tok) if eos else jnp.zeros((batch,), bool)
+    done = is_eos(tok)
 
     def cond(s):
       return (s[0] < new) & ~jnp.all(s[4])
@@ -286,19 +286,23 @@ def generate(model: Any, tree: Any, prompts: str | Sequence[Any], *,
     for r, s in enumerate(seqs):  # right padding
       ids[r, :len(s)] = s
     first = (ids, lens)
-  prefill, decode = _programs(lm, b, p, max_new_tokens, sampling, eos, pad,
-                              dtype)
-  settings = (lm.module, lm.has_cache, b, p, max_new_tokens, sampling, eos,
-              pad, str(dtype))
+  prefill, decode = _programs(lm, b, p, max_new_tokens, sampling, pad, dtype)
+  settings = (lm.module, lm.has_cache, b, p, max_new_tokens, sampling, pad,
+              str(dtype))
+  # eos ids: a runtime array padded with -1 to a power of two (>= 4)
+  n_eos = max(4, 1 << max(len(eos) - 1, 0).bit_length())
+  eos_arg = jnp.asarray(list(eos) + [-1] * (n_eos - len(eos)), jnp.int32)
   key = jax.random.key(seed)
   args = (tree, *map(jnp.asarray, first), key)
   pre_exe, c1 = _compiled("prefill", prefill, settings, *args)
   start = time.perf_counter()
   tok0, state, key = jax.block_until_ready(pre_exe(*args))
   t_prefill = time.perf_counter() - start
-  dec_exe, c2 = _compiled("decode", decode, settings, tree, state, tok0, key)
+  dec_exe, c2 = _compiled("decode", decode, settings, tree, state, tok0, key,
+                          eos_arg)
   start = time.perf_counter()
-  out, steps = jax.block_until_ready(dec_exe(tree, state, tok0, key))
+  out, steps = jax.block_until_ready(dec_exe(tree, state, tok0, key,
+                                             eos_arg))
   t_decode = time.perf_counter() - start
   out = np.asarray(out)
   steps = int(steps)

@@ -18,7 +18,11 @@ Tokenization follows the harness' `TemplateLM._encode_pair`: trailing
 whitespace of the context moves to the front of the continuation, the
 context and context + continuation are encoded separately and the
 continuation's tokens are the tail of the joint encoding beyond the
-context's length (so BPE merges across the boundary are honoured); an empty
+context's length (so BPE merges across the boundary are honoured; where a
+merge crosses the boundary itself, e.g. ")" + ":" -> "):", the split moves
+back to the last boundary both encodings share, and the merged token is
+scored with the continuation: the harness' split would be misaligned, or
+empty, there); an empty
 context is replaced by one prefix token (BOS, else EOS). Special tokens: the
 tokenizer's own (add_special_tokens=True: a Llama tokenizer adds BOS, as the
 harness now delegates to the tokenizer; pass False for the older
@@ -146,10 +150,18 @@ def encode_pair(tokenizer: Any, context: str, continuation: str,
   n = len(context) - len(context.rstrip())
   if n:
     context, continuation = context[:-n], context[-n:] + continuation
-  whole = tokenizer.encode(context + continuation,
-                           add_special_tokens=add_special_tokens)
-  ctx = tokenizer.encode(context, add_special_tokens=add_special_tokens)
-  return list(ctx), list(whole[len(ctx):])
+  whole = list(tokenizer.encode(context + continuation,
+                                add_special_tokens=add_special_tokens))
+  ctx = list(tokenizer.encode(context, add_special_tokens=add_special_tokens))
+  # The harness splits at len(ctx). Where a merge crosses the boundary (the
+  # context's tokens are not a prefix of the joint encoding) that split is
+  # misaligned (its continuation can even be empty); split at the last
+  # token boundary both encodings share instead.
+  n = len(ctx)
+  if whole[:n] != ctx:
+    n = next((i for i, (a, b) in enumerate(zip(whole, ctx)) if a != b),
+             min(len(whole), len(ctx)))
+  return whole[:n], whole[n:]
 
 
 _STEPS: dict = {}

@@ -9,6 +9,7 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from compressjax.models import hub, transformer
 from tests.models import hf_fixtures as fx
@@ -70,8 +71,19 @@ def byte_lm():
   """(TransformerLM with seq_len 64, random variables)."""
   model = transformer.TransformerLM(transformer.TransformerConfig(
       d_model=32, n_layers=2, n_heads=4, d_mlp=64, seq_len=64))
-  v = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
-  return model, v
+  # Random params of the init's shapes, drawn in numpy (no compilation):
+  # norm scales 1, biases small, matrices N(0, 0.3^2) (peaked predictions).
+  shapes = jax.eval_shape(model.init, jax.random.key(0),
+                          jnp.zeros((1, 8), jnp.int32))
+  rng = np.random.default_rng(0)
+
+  def draw(path, s):
+    name = jax.tree_util.keystr(path)
+    if "scale" in name:
+      return jnp.ones(s.shape, s.dtype)
+    std = 0.02 if "bias" in name else 0.3
+    return jnp.asarray(std * rng.standard_normal(s.shape), s.dtype)
+  return model, jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 @functools.partial(jax.jit, static_argnums=0)
