@@ -55,7 +55,7 @@ from absl import logging
 from compressjax.core.errors import CompressionError
 
 
-# -- tokenizers ------------------------------------------------------------------
+# -- tokenizers ----------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +113,7 @@ def _check_tokenizer(tokenizer: Any) -> None:
         "byte-level model")
 
 
-# -- whole texts -------------------------------------------------------------------
+# -- whole texts ---------------------------------------------------------------
 
 
 def read_text(paths: str | pathlib.Path | Sequence[str | pathlib.Path],
@@ -164,8 +164,8 @@ def tokenize(text: str, tokenizer: Any, *, name: str | None = None,
   if not isinstance(text, str):
     raise CompressionError(f"tokenize takes a str, got {type(text).__name__};"
                            " read files with read_text")
-  ids = np.asarray(tokenizer.encode(text, add_special_tokens=add_special_tokens),
-                   np.int32).reshape(-1)
+  ids = np.asarray(tokenizer.encode(
+      text, add_special_tokens=add_special_tokens), np.int32).reshape(-1)
   desc = dict(source=name or "text", chars=len(text), sha256=_digest(text),
               tokenizer=tokenizer_name(tokenizer), tokens=int(ids.size))
   logging.info("tokenized %s: %d chars -> %d tokens", desc["source"],
@@ -191,7 +191,7 @@ def token_ids(data: Any, tokenizer: Any = None, add_special_tokens: bool = True
   return a.astype(np.int32), dict(source="token ids", tokens=int(a.size))
 
 
-# -- batches -----------------------------------------------------------------------
+# -- batches -------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)

@@ -94,6 +94,31 @@ def causal_lm(model: Any, tokenizer: Any = None) -> CausalLM:
       "such as BERT and ViT have no next-token logits)")
 
 
+_SCORERS: dict = {}
+
+
+def scorer(lm: CausalLM):
+  """The one jitted scoring program of a model (cached per module and mask
+  convention; perplexity and zero-shot share it, so equal shapes compile
+  once):
+
+    fn(tree, ids, mask, targets, weights) -> (sum_t weights * log p(targets
+        | ids) per row (B,) float32, greedy (B,) bool: every weighted target
+        is the argmax)
+
+  ids, mask, targets (B, T) int32 (right padding, mask 0), weights (B, T)
+  float32 (0 where not scored)."""
+  key = (lm.module, lm.takes_mask)
+  if key not in _SCORERS:
+    def fn(tree, ids, mask, targets, weights):
+      logits = lm.logits(tree, ids, mask)
+      lp = token_logprobs(logits, targets)
+      hit = (jnp.argmax(logits, axis=-1) == targets) | (weights == 0)
+      return (lp * weights).sum(axis=1), hit.all(axis=1)
+    _SCORERS[key] = jax.jit(fn)
+  return _SCORERS[key]
+
+
 def token_logprobs(logits, targets):
   """log p(targets) (B, T) float32 from logits (B, T, V) (log-softmax in
   float32)."""

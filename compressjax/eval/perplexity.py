@@ -17,8 +17,10 @@ seqlen - 1 tokens.)
     res.ppl, res.nll, res.tokens, res.as_dict()
 
 Windows run in batches of `batch_size` through `cj.run` (any compressed
-tree) under one `jax.jit` per (model, batch shape): the last batch is filled
-with dummy windows of weight 0, so every batch has the same shape.
+tree) under one `jax.jit` per (model, batch shape), the scoring program
+zero-shot uses too (`eval.lm.scorer`): a window's first seqlen - 1 tokens go
+in, its last seqlen - 1 are the targets. The last batch is filled with dummy
+windows of weight 0, so every batch has the same shape.
 """
 
 from __future__ import annotations
@@ -28,31 +30,13 @@ import math
 import time
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
 from compressjax.core.errors import CompressionError
 from compressjax.data.text import token_ids
-from compressjax.eval.lm import CausalLM, causal_lm, token_logprobs
+from compressjax.eval.lm import causal_lm, scorer
 from compressjax.eval.progress import progress as progress_bar
-
-_STEPS: dict = {}
-
-
-def _nll_step(lm: CausalLM):
-  """jit(tree, windows (B, T), weights (B,)) -> weighted sum of the NLL of
-  tokens 1..T-1 of each window; one per (module, mask convention)."""
-  key = (lm.module, lm.takes_mask)
-  if key not in _STEPS:
-    def step(tree, windows, weights):
-      logits = lm.logits(tree, windows)
-      lp = token_logprobs(logits[:, :-1], windows[:, 1:])
-      return -(lp.sum(axis=1) * weights).sum()
-    _STEPS[key] = jax.jit(step)
-  return _STEPS[key]
-
 
 def windows(ids: np.ndarray, seqlen: int) -> np.ndarray:
   """(numel // seqlen, seqlen) non-overlapping windows; the tail dropped."""
@@ -111,18 +95,22 @@ def perplexity(model: Any, tree: Any, data: Any, *, seqlen: int,
   if max_windows is not None:
     w = w[:max_windows]
   n = w.shape[0]
-  step = _nll_step(lm)
+  step = scorer(lm)
   total = 0.0
   start = time.perf_counter()
   batches = range(0, n, batch_size)
+  ones = np.ones((batch_size, seqlen - 1), np.int32)
   for i in progress_bar(batches, len(batches), "perplexity", progress):
     chunk = w[i:i + batch_size]
-    weights = np.zeros((batch_size,), np.float32)
+    weights = np.zeros((batch_size, seqlen - 1), np.float32)
     weights[:chunk.shape[0]] = 1.0
     if chunk.shape[0] < batch_size:  # same shape: dummy windows, weight 0
       chunk = np.concatenate([chunk, np.zeros(
           (batch_size - chunk.shape[0], seqlen), np.int32)])
-    total += float(step(tree, jnp.asarray(chunk), jnp.asarray(weights)))
+    # tokens 1..seqlen-1 predicted from their prefixes: the last token is
+    # only a target (a causal model's earlier logits ignore it)
+    ll, _ = step(tree, chunk[:, :-1], ones, chunk[:, 1:], weights)
+    total -= float(np.asarray(ll, np.float64).sum())
   seconds = time.perf_counter() - start
   count = n * (seqlen - 1)
   nll = total / count

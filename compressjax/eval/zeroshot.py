@@ -44,13 +44,11 @@ import pathlib
 import time
 from typing import Any, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
 from compressjax.core.errors import CompressionError
-from compressjax.eval.lm import CausalLM, causal_lm, token_logprobs
+from compressjax.eval.lm import causal_lm, scorer
 from compressjax.eval.progress import progress as progress_bar
 
 _TASK_DIR = pathlib.Path(__file__).resolve().parent.parent / "data" / "tasks"
@@ -164,23 +162,6 @@ def encode_pair(tokenizer: Any, context: str, continuation: str,
   return whole[:n], whole[n:]
 
 
-_STEPS: dict = {}
-
-
-def _score_step(lm: CausalLM):
-  """jit(tree, ids, mask, targets, score) -> (sum of log p over scored
-  positions (B,), greedy (B,): every scored target is the argmax)."""
-  key = (lm.module, lm.takes_mask)
-  if key not in _STEPS:
-    def step(tree, ids, mask, targets, score):
-      logits = lm.logits(tree, ids, mask)
-      lp = token_logprobs(logits, targets)
-      hit = (jnp.argmax(logits, axis=-1) == targets) | (score == 0)
-      return (lp * score).sum(axis=1), hit.all(axis=1)
-    _STEPS[key] = jax.jit(step)
-  return _STEPS[key]
-
-
 def loglikelihoods(model: Any, tree: Any,
                    requests: Sequence[tuple[Sequence[int], Sequence[int]]],
                    *, batch_size: int = 16, pad_multiple: int = 16,
@@ -205,7 +186,7 @@ def loglikelihoods(model: Any, tree: Any,
       s = s[-(lm.max_length + 1):]
     seqs.append((s, len(cont)))
   order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
-  step = _score_step(lm)
+  step = scorer(lm)
   sums = np.zeros(len(seqs), np.float64)
   greedy = np.zeros(len(seqs), bool)
   starts = range(0, len(order), batch_size)

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import compressjax as cj
 from compressjax.models import hub, transformer
 from tests.models import hf_fixtures as fx
 from tests.models import hf_reference as ref
@@ -90,3 +91,9 @@ def byte_lm():
 def forward(module, variables, ids):
   """Plain `module.apply` on unpadded ids: the independent reference."""
   return module.apply(variables, ids)
+
+
+# compressed trees for the tests, jitted (one compilation, not one per op)
+materialize = jax.jit(cj.materialize_tree)
+quantize4 = jax.jit(lambda t: cj.quantize(t, 4, group_size=16))
+quantize8 = jax.jit(lambda t: cj.quantize(t, 8))

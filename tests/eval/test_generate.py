@@ -71,11 +71,11 @@ def test_llama_greedy_batch_equals_full_forward():
 
 def test_gpt2_greedy_on_a_4bit_tree():
   pre = fixtures.gpt2()
-  q = jax.jit(lambda t: cj.quantize(t, 4, group_size=16))(pre.variables)
+  q = fixtures.quantize4(pre.variables)
   prompts = [[5, 17, 42, 99, 3]]
   res = generate(pre, q, prompts, max_new_tokens=12, eos_ids=(), bucket=4)
   assert res.prompt_bucket == 8
-  check_greedy(pre.module, cj.materialize_tree(q), prompts, res)
+  check_greedy(pre.module, fixtures.materialize(q), prompts, res)
 
 
 def test_byte_lm_without_cache():

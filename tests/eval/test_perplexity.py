@@ -5,7 +5,6 @@ last batch changes nothing; the byte LM; compressed trees; errors."""
 
 import importlib
 
-import jax
 import numpy as np
 import pytest
 
@@ -60,9 +59,9 @@ def test_byte_lm_and_compressed_tree():
   np.testing.assert_allclose(
       res.nll, reference_nll(model, v, data, 64), rtol=1e-5)
   # a 4-bit tree through cj.run: the reference on its materialized params
-  q = jax.jit(lambda t: cj.quantize(t, 4, group_size=16))(v)
+  q = fixtures.quantize4(v)
   rq = perplexity(model, q, data, seqlen=64, batch_size=4, progress=False)
-  dense = cj.materialize_tree(q)
+  dense = fixtures.materialize(q)
   np.testing.assert_allclose(
       rq.nll, reference_nll(model, dense, data, 64), rtol=1e-4)
   assert rq.nll != res.nll

@@ -7,7 +7,6 @@ built-in task file and bad task files."""
 import json
 import math
 
-import jax
 import numpy as np
 import pytest
 
@@ -92,14 +91,14 @@ def test_byte_lm_truncates_left_and_runs_compressed():
   long_ctx = "".join(fixtures.LINES)[:100]  # > seq_len 64: cut on the left
   items = [{"context": long_ctx, "choices": ["abc", " de"], "label": 0},
            {"context": "import ", "choices": ["os", "sys"], "label": 1}]
-  q = jax.jit(lambda t: cj.quantize(t, 8))(v)
+  q = fixtures.quantize8(v)
   tok = cj.eval.causal_lm(model).tokenizer
   pairs = [encode_pair(tok, item["context"], c)
            for item in items for c in item["choices"]]
   for tree in (v, q):
     res = zeroshot(model, tree, items, batch_size=2, pad_multiple=64,
                    progress=False)
-    want = reference_logliks(model, cj.materialize_tree(tree), pairs, 64)
+    want = reference_logliks(model, fixtures.materialize(tree), pairs, 64)
     np.testing.assert_allclose(np.concatenate(res.loglik), want, rtol=1e-4,
                                atol=1e-4)
 
