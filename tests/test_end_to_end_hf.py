@@ -39,15 +39,15 @@ def _int4(v):  # float16 scales: exactly representable in a GPTQ checkpoint
   return cj.quantize(v, 4, group_size=GROUP, scale_dtype=jnp.float16)
 
 
-@jax.jit
 def _gptq(variables, stats):
-  # the blocks' kernels; output heads stay float (GPTQ's paper leaves the
-  # LM head unquantized)
+  # The blocks' kernels; output heads stay float (GPTQ's paper leaves the
+  # LM head unquantized). Not under an outer jit: GPTQ's per-layer program
+  # is compiled once per kernel shape, and the families share shapes.
   return gptq(stats, 4, group_size=GROUP, rules=[
       (r".*(lm_head|classifier|pooler).*", None)]).apply(variables)
 
 
-_materialize = jax.jit(cj.materialize_tree)
+_materialize = fixtures.materialize
 
 
 def output_error(stats, variables, tree, paths) -> float:
@@ -84,12 +84,13 @@ def check_exports(tmp_path, pre, q4):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=p)
   assert back.tokenizer is not None or pre.tokenizer is None
   hub.save_gptq(tmp_path / "gptq", pre, q4, inexact_scales="error")
+  dense = dict(leaves_with_paths(_materialize(q4)))
   n = 0
   for spec, leaf in hf.hf_leaves(pre.family, pre.config, q4):
     if isinstance(leaf, QArray):
       w, _, cfg = read_gptq(tmp_path / "gptq", spec.hf[:-len(".weight")],
                             "gptq")
-      np.testing.assert_array_equal(w, np.asarray(leaf.materialize()),
+      np.testing.assert_array_equal(w, np.asarray(dense[spec.path]),
                                     err_msg=spec.path)
       n += 1
   assert n >= 4 and cfg["bits"] == 4 and cfg["group_size"] == GROUP
@@ -104,8 +105,10 @@ def check_decoder(tmp_path, pre, calib_args, fn=None, compare_zs=True):
   q8, q4, qg = _int8(v), _int4(v), _gptq(v, stats)
   e_rtn, e_gptq = gptq_beats_rtn(stats, v, q4, qg)
   corpus = text.tokenize(fixtures.TEXT, pre.tokenizer, name="fixture text")
-  ppl = {name: cj_eval.perplexity(pre, tree, corpus, seqlen=32,
-                                  batch_size=8, progress=False).ppl
+  # windows of 129 tokens in batches of 128: the (128, 128) shape of the
+  # zero-shot batches below, so both share one compilation per tree
+  ppl = {name: cj_eval.perplexity(pre, tree, corpus, seqlen=129,
+                                  batch_size=128, progress=False).ppl
          for name, tree in (("float", v), ("int8", q8), ("gptq4", qg))}
   assert abs(ppl["int8"] / ppl["float"] - 1) < 0.01, ppl
   assert ppl["gptq4"] != ppl["float"]
@@ -185,8 +188,8 @@ def test_bert(tmp_path):
                                  method="sentence_embedding"))
   f = emb(v)
   cos = {k: float(_cos(emb(t), f).min()) for k, t in
-         (("int8", q8), ("int4", q4), ("gptq4", qg))}
-  assert cos["int8"] > 0.999 and cos["int4"] > 0.9, cos
+         (("int8", q8), ("gptq4", qg))}
+  assert cos["int8"] > 0.999 and 0.9 < cos["gptq4"] < cos["int8"], cos
   check_exports(tmp_path, pre, q4)
   print(dict(cos=cos, err=(e_rtn, e_gptq)))
 
@@ -215,11 +218,11 @@ def test_vit(tmp_path):
   held_out = pixels[3]
   f = np.asarray(logits(v, held_out))
   agree, rel = {}, {}
-  for k, t in (("int8", q8), ("int4", q4), ("gptq4", qg)):
+  for k, t in (("int8", q8), ("gptq4", qg)):
     y = np.asarray(logits(t, held_out))
     agree[k] = float(np.mean(y.argmax(-1) == f.argmax(-1)))
     rel[k] = float(np.linalg.norm(y - f) / np.linalg.norm(f))
   assert agree["int8"] >= 0.9 and rel["int8"] < 0.02, (agree, rel)
-  assert rel["int8"] < rel["int4"] < 0.5, rel
+  assert rel["int8"] < rel["gptq4"] < 0.5, rel
   check_exports(tmp_path, pre, q4)
   print(dict(agree=agree, rel=rel, err=(e_rtn, e_gptq)))

@@ -32,8 +32,8 @@ TEXT = "\n".join(LINES * 6)
 LLAMA = dict(model_type="llama", vocab_size=320, hidden_size=32,
              intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0,
-             max_position_embeddings=128, tie_word_embeddings=False)
-GPT2 = dict(model_type="gpt2", vocab_size=320, n_positions=128, n_embd=32,
+             max_position_embeddings=256, tie_word_embeddings=False)
+GPT2 = dict(model_type="gpt2", vocab_size=320, n_positions=256, n_embd=32,
             n_layer=2, n_head=4, n_inner=64, layer_norm_epsilon=1e-5)
 
 

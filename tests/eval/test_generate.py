@@ -148,6 +148,6 @@ def test_seeded_sampling_and_errors():
     generate(pre, pre.variables, [[]])
   with pytest.raises(CompressionError, match="max_new_tokens"):
     generate(pre, pre.variables, "x", max_new_tokens=0)
-  with pytest.raises(CompressionError, match="at most 128"):
-    generate(fixtures.gpt2(), fixtures.gpt2().variables, [[1] * 100],
-             max_new_tokens=40)
+  with pytest.raises(CompressionError, match="at most 256"):
+    generate(fixtures.gpt2(), fixtures.gpt2().variables, [[1] * 200],
+             max_new_tokens=60)
