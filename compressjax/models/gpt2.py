@@ -276,8 +276,8 @@ def tensors(c: GPT2Config) -> tuple[hf.TensorSpec, ...]:
     for name, kind in (("ln_1", "norm"), ("attn.c_attn", "conv1d"),
                        ("attn.c_proj", "conv1d"), ("ln_2", "norm"),
                        ("mlp.c_fc", "conv1d"), ("mlp.c_proj", "conv1d")):
-      specs += [m(f"{b}{name}.weight", kind), m(f"{b}{name}.bias", kind)]
-  specs += [m(f"{p}ln_f.weight", "norm"), m(f"{p}ln_f.bias", "norm")]
+      specs += hf.module(f"{b}{name}", kind)
+  specs += hf.module(f"{p}ln_f", "norm")
   specs.append(hf.TensorSpec("lm_head.weight", None) if c.tie_word_embeddings
                else m("lm_head.weight", "linear"))
   return tuple(specs)

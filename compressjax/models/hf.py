@@ -129,15 +129,19 @@ _MIRROR = {  # kind -> (zoo name of HF's `weight`, layout)
     "conv1d": ("kernel", "same"),       # GPT-2's Conv1D, already (in, out)
     "norm": ("scale", "same"),          # LayerNorm / RMSNorm
     "embedding": ("embedding", "same"),
+    "conv2d": ("kernel", "conv2d"),    # nn.Conv2d
 }
 
 
-def mirror(hf_name: str, kind: str, prefix: str = "params/") -> TensorSpec:
+def mirror(hf_name: str, kind: str, prefix: str = "params/",
+           hf_prefix: str = "") -> TensorSpec:
   """The spec whose zoo path mirrors the HF name: the module path with list
   indices joined to their list ('model.layers.0.self_attn.q_proj' ->
   'model/layers_0/self_attn/q_proj'), then `weight` renamed by `kind` (see
   _MIRROR) and `bias` kept: 'model.layers.0.self_attn.q_proj.weight' ->
-  'params/model/layers_0/self_attn/q_proj/kernel', layout 'linear'."""
+  'params/model/layers_0/self_attn/q_proj/kernel', layout 'linear'.
+  `hf_prefix` is prepended to the HF name only (a task model's 'bert.' in
+  front of a base model the zoo keeps at the top level)."""
   if kind not in _MIRROR:
     raise ValueError(f"unknown kind {kind!r} for {hf_name}; use one of "
                      f"{sorted(_MIRROR)}")
@@ -154,7 +158,15 @@ def mirror(hf_name: str, kind: str, prefix: str = "params/") -> TensorSpec:
     name, layout = "bias", "same"
   else:
     raise ValueError(f"{hf_name}: expected a .weight or .bias tensor")
-  return TensorSpec(hf_name, prefix + "/".join(parts + [name]), layout)
+  return TensorSpec(hf_prefix + hf_name, prefix + "/".join(parts + [name]),
+                    layout)
+
+
+def module(name: str, kind: str, bias: bool = True, hf_prefix: str = ""
+           ) -> tuple[TensorSpec, ...]:
+  """The weight (and bias) specs of HF module `name` (see `mirror`)."""
+  names = (f"{name}.weight",) + ((f"{name}.bias",) if bias else ())
+  return tuple(mirror(n, kind, hf_prefix=hf_prefix) for n in names)
 
 
 REQUIRED = object()  # config_field default: the key must be present

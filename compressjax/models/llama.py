@@ -519,19 +519,13 @@ def tensors(c: LlamaConfig) -> tuple[hf.TensorSpec, ...]:
   Qwen2ForCausalLM with this config, in state-dict order."""
   m = hf.mirror
   specs = [m("model.embed_tokens.weight", "embedding")]
-
-  def linear(name, bias):
-    specs.append(m(f"{name}.weight", "linear"))
-    if bias:
-      specs.append(m(f"{name}.bias", "linear"))
-
   for i in range(c.num_hidden_layers):
     p = f"model.layers.{i}."
     for n in ("q", "k", "v"):
-      linear(f"{p}self_attn.{n}_proj", c.qkv_bias)
-    linear(f"{p}self_attn.o_proj", c.o_bias)
+      specs += hf.module(f"{p}self_attn.{n}_proj", "linear", c.qkv_bias)
+    specs += hf.module(f"{p}self_attn.o_proj", "linear", c.o_bias)
     for n in ("gate", "up", "down"):
-      linear(f"{p}mlp.{n}_proj", c.mlp_bias)
+      specs += hf.module(f"{p}mlp.{n}_proj", "linear", c.mlp_bias)
     specs.append(m(f"{p}input_layernorm.weight", "norm"))
     specs.append(m(f"{p}post_attention_layernorm.weight", "norm"))
   specs.append(m("model.norm.weight", "norm"))
