@@ -105,7 +105,7 @@ def training_window(data: np.ndarray, rng: np.random.Generator, length: int,
     start = int(rng.integers(0, len(data) - length))
     return np.concatenate([[BOS], data[start:start + length]]).astype(
         np.int32)
-  n = int(rng.integers(1, 5))
+  n = int(rng.integers(1, max(2, min(4, length // 64)) + 1))
   lines = [needle(rng)[0] for _ in range(n)]
   lines += [lines[i] for i in rng.permutation(n)]
   fill = length - sum(len(x) for x in lines)
@@ -278,8 +278,8 @@ def spec_label(spec: Any) -> str:
 def greedy(model, variables, spec: Any, prompts: np.ndarray, new: int):
   """(tokens (B, new), decode tokens/s) of greedy generation after equal-
   length prompts through `spec`'s cache (eval.generate)."""
-  from compressjax.eval import generate as gen  # the eval layer
-  res = gen.generate(with_store(model, spec), variables,
+  from compressjax import eval as cj_eval
+  res = cj_eval.generate(with_store(model, spec), variables,
                      [list(map(int, p)) for p in prompts],
                      max_new_tokens=new, eos_ids=(), bucket=prompts.shape[1])
   return res.tokens[:, :new], res
