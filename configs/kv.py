@@ -37,14 +37,16 @@ def get_config() -> ml_collections.ConfigDict:
   c.llama.num_key_value_heads = 2
   c.llama.rope_theta = 10000.0
   c.llama.seq_len = 256         # training length
-  c.llama.steps = 1500
+  c.llama.steps = 1800
+  c.llama.copy_steps = 300      # first: copying random strings (induction)
   c.llama.batch_size = 8
   c.llama.learning_rate = 3e-3
   c.llama.warmup = 100
   c.llama.end_lr_fraction = 0.1
   c.llama.weight_decay = 0.1
   c.llama.grad_clip = 1.0
-  c.llama.needle_fraction = 0.25  # training windows with a planted needle
+  c.llama.needle_fraction = 0.4   # text windows with planted needles
+  c.llama.copy_fraction = 0.15    # copy windows after the copy phase
   c.llama.log_every = 100
   c.llama.windows = 32          # validation windows of seq_len
 

@@ -10,9 +10,9 @@ Models (configs/kv.py):
   llama  a small RoPE Llama (models.llama, random init) trained here on the
          same stdlib bytes: windows of seq_len that start with a BOS byte
          (NUL, the corpus's document separator), a fraction of them with a
-         planted needle "\n@@ <5 digits> -> <5 letters>\n" and, later, the
-         query "\n@@ <same digits> -> " followed by the value. Cached in
-         <workdir>/baseline_kv/<key>.
+         planted needle "\n@@ <5-letter key> <5-letter value>\n" repeated
+         later, and a first phase of copying random strings (where
+         induction heads form). Cached in <workdir>/baseline_kv/<key>.
 
 Every row is a `kv.KVSpec` (quantized entries and / or an eviction policy
 with a budget); the model's weights stay float. Per row and model:
@@ -58,7 +58,7 @@ Log = Callable[[str], None]
 
 CACHE_VERSION = 1
 BOS = 0  # NUL: stdlib_text's document separator, never inside a file
-NEEDLE_KEY_DIGITS = 5
+NEEDLE_KEY_LEN = 5
 NEEDLE_VALUE_LEN = 5
 
 
@@ -67,12 +67,14 @@ NEEDLE_VALUE_LEN = 5
 # ---------------------------------------------------------------------------
 
 def needle(rng: np.random.Generator) -> tuple[bytes, bytes, bytes]:
-  """(planted line, query, answer): "\n@@ 48213 -> vfkqz\n", "\n@@ 48213 ->
-  ", "vfkqz"."""
-  key = "".join(rng.choice(list("0123456789"), NEEDLE_KEY_DIGITS))
-  value = "".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"),
-                             NEEDLE_VALUE_LEN))
-  return (f"\n@@ {key} -> {value}\n".encode(), f"\n@@ {key} -> ".encode(),
+  """(planted line, query, answer): "\n@@ qhtwb vfkqz\n", "\n@@ qhtwb ",
+  "vfkqz": a random 5-letter key and 5-letter value; the query repeats the
+  key, the model must complete the value (retrieval by content: the key is
+  only found by matching it against the planted line)."""
+  letters = list("abcdefghijklmnopqrstuvwxyz")
+  key = "".join(rng.choice(letters, NEEDLE_KEY_LEN))
+  value = "".join(rng.choice(letters, NEEDLE_VALUE_LEN))
+  return (f"\n@@ {key} {value}\n".encode(), f"\n@@ {key} ".encode(),
           value.encode())
 
 
@@ -118,6 +120,17 @@ def training_window(data: np.ndarray, rng: np.random.Generator, length: int,
     parts += [text[at:at + size], np.frombuffer(line, np.uint8)]
     at += size
   return np.concatenate(parts).astype(np.int32)
+
+
+def copy_window(rng: np.random.Generator, length: int) -> np.ndarray:
+  """length + 1 tokens: BOS, a random lowercase string, the string again:
+  the task on which induction heads (Olsson et al. 2022) form in a few
+  hundred steps, unlike on text with sparse needles (measured: no copying
+  after 1500 steps of text with 25% needle windows)."""
+  half = length // 2
+  s = rng.integers(ord("a"), ord("z") + 1, half)
+  w = np.concatenate([[BOS], s, s, s])[:length + 1]
+  return w.astype(np.int32)
 
 
 # ---------------------------------------------------------------------------
@@ -170,21 +183,32 @@ def train_llama(c: Config, model, train_data: np.ndarray, log: Log):
 
   rng = np.random.default_rng([c.seed, 11])
   n = sum(x.size for x in jax.tree.leaves(params))
-  log(f"training the RoPE Llama: {n:,} params, {m.steps} steps of "
-      f"{m.batch_size}x{m.seq_len} bytes ({m.needle_fraction:.0%} with a "
-      "needle)")
+  log(f"training the RoPE Llama: {n:,} params, {m.copy_steps} steps of "
+      f"copying random strings, then {m.steps - m.copy_steps} steps of text "
+      f"({m.needle_fraction:.0%} of text windows with needles, "
+      f"{m.copy_fraction:.0%} copy windows), {m.batch_size}x{m.seq_len} "
+      "bytes")
+  probe = needle_prompts(c, train_data, 128)
+  probe_seq = jnp.asarray(np.concatenate(probe[:2], axis=1))
+  probe_fn = jax.jit(lambda p: jnp.argmax(model.apply(
+      {"params": p}, probe_seq)[:, -NEEDLE_VALUE_LEN - 1:-1], -1))
   start, losses, first = time.time(), [], None
   for i in range(1, m.steps + 1):
-    batch = np.stack([training_window(train_data, rng, m.seq_len,
-                                      m.needle_fraction)
+    copy = 1.0 if i <= m.copy_steps else m.copy_fraction
+    batch = np.stack([copy_window(rng, m.seq_len) if rng.random() < copy
+                      else training_window(train_data, rng, m.seq_len,
+                                           m.needle_fraction)
                       for _ in range(m.batch_size)])
     params, state, loss = step(params, state, batch)
     losses.append(loss)
     if i == 1:
       first = float(loss)
     if i % m.log_every == 0 or i == m.steps:
+      pred = np.asarray(probe_fn(params)) == probe[1]
       log(f"  step {i:5d}  loss {float(np.mean(jax.device_get(losses))):.4f}"
-          f"  {time.time() - start:6.0f}s")
+          f"  needle (teacher-forced, training text) {pred.all(1).mean():.2f}"
+          f" (bytes {pred.mean():.2f})  "
+          f"{time.time() - start:6.0f}s")
       last, losses = float(np.mean(jax.device_get(losses))), []
   stats = dict(steps=m.steps, seconds=round(time.time() - start, 1),
                first_loss=first, final_train_loss=last, n_params=int(n))

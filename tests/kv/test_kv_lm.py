@@ -65,18 +65,16 @@ def test_needle_data():
   assert len(lines) >= 2 and len(set(lines)) * 2 == len(lines)
 
 
-def test_stream_nll_at_full_budget_is_the_forward():
+def test_stream_nll_is_the_forward_until_the_budget_binds():
   m, v = _tiny()
   toks = np.random.default_rng(1).integers(1, 256, (2, 12)).astype(np.int32)
   logits = m.apply(v, jnp.asarray(toks[:, :-1]))
   want = np.asarray(transformer.next_token_loss(logits, toks[:, 1:]))
-  got = kv_lm.stream_nll(m, v, toks, kv.KVSpec(policy="h2o", budget=11), 11)
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-  # a quarter of the context: the losses move
   got = kv_lm.stream_nll(m, v, toks, kv.KVSpec(policy="window", budget=3),
                          11)
-  assert np.abs(got - want)[:, 3:].max() > 1e-4
+  # the first 3 tokens see everything; later ones only the last 3
   np.testing.assert_allclose(got[:, :3], want[:, :3], rtol=1e-5, atol=1e-5)
+  assert np.abs(got - want)[:, 3:].min() > 1e-6
 
 
 def test_quality_bars_and_outputs(tmp_path):

@@ -76,8 +76,6 @@ SPECS = {
         policy="h2o", budget=T, keys=INT4, values=INT4, residual=T)),
     "gpt2/kivi2_window": (_gpt2, kv.KVSpec(None, None, *kv.kivi(2, 4),
                                            residual=T)),
-    "byte/sink": (_byte_lm, kv.KVSpec(policy=kv.SinkWindow(
-        reposition=False), budget=T)),
     "byte/window_pallas": (_byte_lm, kv.KVSpec(policy="window", budget=T,
                                                attention="pallas")),
 }
