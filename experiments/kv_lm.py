@@ -10,9 +10,10 @@ Models (configs/kv.py):
   llama  a small RoPE Llama (models.llama, random init) trained here on the
          same stdlib bytes: windows of seq_len that start with a BOS byte
          (NUL, the corpus's document separator), a fraction of them with a
-         planted needle "\n@@ <5-letter key> <5-letter value>\n" repeated
-         later, and a first phase of copying random strings (where
-         induction heads form). Cached in <workdir>/baseline_kv/<key>.
+         planted needle "\n@@ <5 key symbols><5 value symbols>\n" (symbols:
+         bytes 0xC0-0xFF, absent from the text) repeated later, after a
+         first phase of copying random strings (where induction heads
+         form). Cached in <workdir>/baseline_kv/<key>.
 
 Every row is a `kv.KVSpec` (quantized entries and / or an eviction policy
 with a budget); the model's weights stay float. Per row and model:
@@ -66,16 +67,21 @@ NEEDLE_VALUE_LEN = 5
 # Needles
 # ---------------------------------------------------------------------------
 
+# Needle symbols: bytes 0xC0..0xFF, which never occur in the (ASCII) stdlib
+# text, so a symbol identifies its earlier occurrence by itself. (With ASCII
+# letters and digits this model did not learn to retrieve: "\n@@ 48213 ->
+# vfkqz" and "\n@@ qhtwb vfkqz" stayed at chance after 1200 steps; 2-grams
+# such as " v" are everywhere in code.)
+NEEDLE_ALPHABET = np.arange(0xC0, 0x100, dtype=np.uint8)
+
+
 def needle(rng: np.random.Generator) -> tuple[bytes, bytes, bytes]:
-  """(planted line, query, answer): "\n@@ qhtwb vfkqz\n", "\n@@ qhtwb ",
-  "vfkqz": a random 5-letter key and 5-letter value; the query repeats the
-  key, the model must complete the value (retrieval by content: the key is
-  only found by matching it against the planted line)."""
-  letters = list("abcdefghijklmnopqrstuvwxyz")
-  key = "".join(rng.choice(letters, NEEDLE_KEY_LEN))
-  value = "".join(rng.choice(letters, NEEDLE_VALUE_LEN))
-  return (f"\n@@ {key} {value}\n".encode(), f"\n@@ {key} ".encode(),
-          value.encode())
+  """(planted line, query, answer): "\n@@ " + 5 key symbols + 5 value
+  symbols + "\n"; the query "\n@@ " + the key; the answer the value (the
+  model finds the key's earlier occurrence and copies what follows it)."""
+  key = rng.choice(NEEDLE_ALPHABET, NEEDLE_KEY_LEN).tobytes()
+  value = rng.choice(NEEDLE_ALPHABET, NEEDLE_VALUE_LEN).tobytes()
+  return b"\n@@ " + key + value + b"\n", b"\n@@ " + key, value
 
 
 def needle_prompt(filler: np.ndarray, rng: np.random.Generator, length: int,
@@ -123,12 +129,11 @@ def training_window(data: np.ndarray, rng: np.random.Generator, length: int,
 
 
 def copy_window(rng: np.random.Generator, length: int) -> np.ndarray:
-  """length + 1 tokens: BOS, a random lowercase string, the string again:
-  the task on which induction heads (Olsson et al. 2022) form in a few
-  hundred steps, unlike on text with sparse needles (measured: no copying
-  after 1500 steps of text with 25% needle windows)."""
+  """length + 1 tokens: BOS, a random string of needle symbols, repeated:
+  the task on which induction heads (Olsson et al. 2022) form within a few
+  hundred steps, which text with sparse needles did not give (1500 steps)."""
   half = length // 2
-  s = rng.integers(ord("a"), ord("z") + 1, half)
+  s = rng.choice(NEEDLE_ALPHABET, half)
   w = np.concatenate([[BOS], s, s, s])[:length + 1]
   return w.astype(np.int32)
 
