@@ -7,9 +7,11 @@ the additive surrogate of HAWQ-v2's bit allocation (Dong et al. 2020,
 Sec. 3.2: integer programming over per-layer bit widths under a size
 budget). Solvers:
   milp    binary x_lk, sum_k x_lk = 1 per layer, sum b x <= B, through
-          scipy.optimize.milp (HiGHS) with both optimality gaps at 0; the
-          rounded solution's integer bytes are checked against B (and the
-          constraint tightened by any excess, which tolerances can allow)
+          scipy.optimize.milp (HiGHS) with both optimality gaps at 0: optimal
+          up to HiGHS's tolerances (~1e-7 of the largest score; single-layer
+          moves that still gain are applied after); the rounded solution's
+          integer bytes are checked against B (and the constraint tightened
+          by any excess, which tolerances can allow)
   dp      dynamic programming over bytes in units of u: exact when u is the
           gcd of all costs; when that needs more than `max_cells` cells, costs
           are rounded UP to a coarser unit, so the result still fits the true
@@ -168,10 +170,29 @@ def solve_milp(costs, scores, budget: int, *, time_limit: float | None = None
       choice.append(int(np.argmax(xl)))
     excess = total(costs, choice) - budget
     if excess <= 0:
-      return choice
+      return _polish(costs, scores, budget, choice)
     ub -= excess  # a tolerance let it over; tighten by what it went over
   raise CompressionError("MILP kept exceeding the budget by rounding; use "
                          "solver='dp'")
+
+
+def _polish(costs, scores, budget, choice):
+  """1-opt moves that lower the objective and still fit: removes what
+  HiGHS's tolerances (~1e-7 of the largest score) can leave behind."""
+  choice = list(choice)
+  used = total(costs, choice)
+  improved = True
+  while improved:
+    improved = False
+    for l, (c, s) in enumerate(zip(costs, scores)):
+      k0 = choice[l]
+      ok = (s < s[k0]) & (used - c[k0] + c <= budget)
+      if ok.any():
+        k = int(np.flatnonzero(ok)[np.argmin(s[ok])])
+        used += int(c[k] - c[k0])
+        choice[l] = k
+        improved = True
+  return choice
 
 
 def solve_dp(costs, scores, budget: int, *, max_cells: int = 2_000_000
