@@ -38,7 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
   s.quant.candidates = ("int2_c,int2_g128,int2_g64,int2_g32,int3_c,"
                         "int3_g128,int3_g64,int4_c,int4_g128,int4_g64,int8_c")
   s.quant.bits = "2.25,2.5,2.75,3.0,3.25,3.5,4.0,4.5"
-  s.quant.uniform = "int2_g64,int3_g128,int4_g128"
+  s.quant.uniform = "int2_g64,int2_g32,int3_g128,int4_g128"
   s.quant.head = "int8_c"        # also uniform with the head at this setting
   s.quant.match_uniform = True   # allocate at each uniform row's true size
 
@@ -55,6 +55,6 @@ def get_config() -> ml_collections.ConfigDict:
   # Low rank: parameter ratios of each kernel (rank = ratio mn / (m + n)).
   s.lowrank = ml_collections.ConfigDict()
   s.lowrank.method = "svd_llm"   # svd_llm | svd
-  s.lowrank.targets = "0.25,0.5,0.75"
-  s.lowrank.levels = "0.125,0.25,0.375,0.5,0.625,0.75,0.875,1.0"
+  s.lowrank.targets = "0.25,0.5"
+  s.lowrank.levels = "0.125,0.25,0.5,0.75,1.0"
   return c

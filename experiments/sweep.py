@@ -53,14 +53,12 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
-import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
 import compressjax as cj
 from compressjax import allocate as A
 from compressjax.calibrate import capture
-from compressjax.core.rules import Rule, default_filter
 from compressjax.core.tree import leaves_with_paths, materialize_tree
 from compressjax.models import transformer
 

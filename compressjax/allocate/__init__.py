@@ -10,14 +10,14 @@ per layer (bits, sparsity, rank, mixtures) under a size budget.
 
 from compressjax.allocate.candidates import (DENSE, Candidate, LayerOptions,
                                              Stage, Table, build_table,
-                                             candidate, mixture, quant_grid,
+                                             candidate, mixture,
                                              rank_grid, selected_layers,
                                              sparsity_grid)
 from compressjax.allocate.rank import (energy_ranks, factor_params, rank_rules,
                                        singular_values)
 from compressjax.allocate.sensitivity import (LossDelta, correlations,
                                               fisher_diagonal, hessian_trace,
-                                              layer_scores, mean_loss,
+                                              layer_scores,
                                               spearman)
 from compressjax.allocate.solve import (SKIP_REST, SOLVERS, Allocation, fixed,
                                         resolve_budget, solve, solve_dp,
@@ -31,8 +31,8 @@ __all__ = [
     "SKIP_REST", "SOLVERS", "Stage", "Table", "build_table", "candidate",
     "correlations", "energy_ranks", "erk_densities", "erk_sparsities",
     "factor_params", "fisher_diagonal", "fixed", "hessian_trace",
-    "layer_scores", "mean_loss", "mixture", "outlier_ratios",
-    "owl_sparsities", "quant_grid", "rank_grid", "rank_rules",
+    "layer_scores", "mixture", "outlier_ratios",
+    "owl_sparsities", "rank_grid", "rank_rules",
     "resolve_budget", "selected_layers", "singular_values", "solve",
     "solve_dp", "solve_greedy", "solve_milp", "sparsity_grid",
     "sparsity_rules", "spearman", "uniform", "weighted_sparsity",

@@ -22,15 +22,13 @@ import dataclasses
 import functools
 import math
 import re
-from typing import Any, Callable, Iterable, Mapping, Sequence, Union
+from typing import Any, Callable, Mapping, Sequence, Union
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from compressjax.core.base import array_nbytes, materialize
 from compressjax.core.errors import CompressionError
-from compressjax.core.rules import Predicate, Rule, RuleLike, default_filter, resolve
+from compressjax.core.rules import Predicate, RuleLike, default_filter, resolve
 from compressjax.core.transform import Transform, chain
 from compressjax.core.tree import leaves_with_paths
 
@@ -101,16 +99,9 @@ def mixture(label: str, *stages: tuple[Builder, Mapping[str, Any]]
   return Candidate(label, tuple(Stage(b, dict(c)) for b, c in stages))
 
 
-def quant_grid(build: Builder, settings: Iterable[Mapping[str, Any]],
-               label: Callable[[Mapping[str, Any]], str] | None = None
-               ) -> list[Candidate]:
-  """One candidate per config dict, e.g. bit widths and group sizes."""
-  return [candidate(build, label(s) if label else None, **s)
-          for s in settings]
-
-
 def sparsity_grid(build: Builder, levels: Sequence[float], **extra
                   ) -> list[Candidate]:
+  """One candidate per sparsity level, labelled e.g. 'wanda 60%'."""
   return [candidate(build, f"{builder_name(build)} {s:.0%}", sparsity=s,
                     **extra) for s in levels]
 
@@ -128,11 +119,6 @@ def single_leaf_tree(path: str, leaf: Any) -> dict:
   for key in reversed(path.split("/")):
     tree = {key: tree}
   return tree
-
-
-def replace_leaf(params: Any, path: str, new: Any) -> Any:
-  from compressjax.core.tree import map_with_paths
-  return map_with_paths(lambda p, x: new if p == path else x, params)
 
 
 # ----------------------------------------------------------------------------

@@ -25,10 +25,9 @@ E[v_l^T H_lm v_m] = 0 for l != m, so each layer's estimate is unbiased.
 
 from __future__ import annotations
 
-import functools
 import math
 import zlib
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -103,12 +102,6 @@ def _paths(params, rules, default) -> list[str]:
   if not paths:
     raise CompressionError("no layer selected; check rules and default")
   return paths
-
-
-def mean_loss(loss_fn: Callable, params: Any, batches: Sequence[Any]
-              ) -> float:
-  f = jax.jit(loss_fn)
-  return float(sum(float(f(params, b)) for b in batches) / len(batches))
 
 
 def hessian_trace(loss_fn: Callable[[Any, Any], Any], params: Any,

@@ -30,7 +30,7 @@ import dataclasses
 import math
 import re
 import warnings
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

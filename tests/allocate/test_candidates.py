@@ -2,7 +2,6 @@
 
 import functools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -180,3 +179,14 @@ def test_bad_candidates_name_the_layer_and_the_fix():
     A.build_table(v, QUANT, stats={})
   with pytest.raises(CompressionError, match="no layer selected"):
     A.build_table(v, QUANT, rules=[(".*", None)])
+
+
+def test_grids_label_and_configure_candidates():
+  sp = A.sparsity_grid(T.sparsify, [0.5, 0.75], pattern="unstructured")
+  assert [c.label for c in sp] == ["sparsify 50%", "sparsify 75%"]
+  assert dict(sp[1].stages[0].config) == dict(sparsity=0.75,
+                                               pattern="unstructured")
+  lr = A.rank_grid(T.low_rank, [0.25])
+  assert lr[0].label == "low_rank r0.25"
+  assert dict(lr[0].stages[0].config) == dict(rank_ratio=0.25)
+  assert A.candidate(T.quantize, bits=3).label == "quantize(bits=3)"

@@ -134,3 +134,15 @@ def test_budget_errors_name_the_layer_and_the_fix():
     A.solve(t, bytes=60, proxy="loss")
   with pytest.raises(CompressionError, match="finite"):
     A.solve_milp([np.array([1])], [np.array([np.inf])], 3)
+
+
+def test_custom_scores_and_summary():
+  t = _table([[4, 16], [4, 16]], [[3, 1], [2, 1]], n_weights=16)
+  t2 = t.with_scores("mine", [np.array([0., 5.]), np.array([0., 5.])])
+  assert A.solve(t2, bytes=20, proxy="mine").choice == (0, 0)
+  plan = A.solve(t2, bytes=20, proxy="x")
+  assert plan.choice == (1, 0)  # layer 0 gains 2, layer 1 only 1
+  text = plan.summary()
+  assert "l0/kernel" in text and "TOTAL" in text and "budget 20" in text
+  with pytest.raises(CompressionError, match="3 scores for 2 candidates"):
+    t.with_scores("bad", [np.zeros(3), np.zeros(2)])

@@ -1,8 +1,5 @@
 """OWL and ERK layer sparsities against numpy references."""
 
-import math
-
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
