@@ -443,34 +443,6 @@ def scale_groups(config: BertConfig, prefix: str = "params/"):
 
 # --- Hugging Face tensor table ---------------------------------------------
 
-def hf_path(name: str, leaf: str) -> str:
-  """HF module name ('encoder.layer.0.attention.self.query') and zoo leaf
-  name -> zoo param path ('params/encoder/layer_0/attention/self/query/
-  kernel'): '.'-list indices join their list's name."""
-  return "params/" + re.sub(r"\.(\d+)(?=\.|$)", r"_\1", name).replace(
-      ".", "/") + "/" + leaf
-
-
-def hf_linear(name: str, prefix: str = "", bias: bool = True
-              ) -> tuple[hf.TensorSpec, ...]:
-  """nn.Linear `name` -> Dense kernel (layout 'linear') and bias."""
-  out = [hf.TensorSpec(f"{prefix}{name}.weight", hf_path(name, "kernel"),
-                       "linear")]
-  if bias:
-    out.append(hf.TensorSpec(f"{prefix}{name}.bias", hf_path(name, "bias")))
-  return tuple(out)
-
-
-def hf_norm(name: str, prefix: str = "") -> tuple[hf.TensorSpec, ...]:
-  """nn.LayerNorm `name` -> LayerNorm scale and bias."""
-  return (hf.TensorSpec(f"{prefix}{name}.weight", hf_path(name, "scale")),
-          hf.TensorSpec(f"{prefix}{name}.bias", hf_path(name, "bias")))
-
-
-def hf_embedding(name: str, prefix: str = "") -> hf.TensorSpec:
-  return hf.TensorSpec(f"{prefix}{name}.weight", hf_path(name, "embedding"))
-
-
 def tensors(config: BertConfig) -> tuple[hf.TensorSpec, ...]:
   """Every tensor of HF BertModel / RobertaModel, in state-dict order (names
   without the 'bert.' / 'roberta.' prefix, as the bare models save them;
@@ -478,24 +450,25 @@ def tensors(config: BertConfig) -> tuple[hf.TensorSpec, ...]:
   num_labels > 0, of [Bert|Roberta]ForSequenceClassification (prefixed base
   names, then 'classifier.*')."""
   p = f"{config.model_type}." if config.num_labels else ""
-  specs = [hf_embedding(f"embeddings.{n}_embeddings", p)
+  specs = [hf.mirror(f"embeddings.{n}_embeddings.weight", "embedding",
+                     hf_prefix=p)
            for n in ("word", "position", "token_type")]
-  specs += hf_norm("embeddings.LayerNorm", p)
+  specs += hf.module("embeddings.LayerNorm", "norm", hf_prefix=p)
   for i in range(config.num_hidden_layers):
     b = f"encoder.layer.{i}."
     for n in ("query", "key", "value"):
-      specs += hf_linear(f"{b}attention.self.{n}", p)
-    specs += hf_linear(f"{b}attention.output.dense", p)
-    specs += hf_norm(f"{b}attention.output.LayerNorm", p)
-    specs += hf_linear(f"{b}intermediate.dense", p)
-    specs += hf_linear(f"{b}output.dense", p)
-    specs += hf_norm(f"{b}output.LayerNorm", p)
+      specs += hf.module(f"{b}attention.self.{n}", "linear", hf_prefix=p)
+    specs += hf.module(f"{b}attention.output.dense", "linear", hf_prefix=p)
+    specs += hf.module(f"{b}attention.output.LayerNorm", "norm", hf_prefix=p)
+    specs += hf.module(f"{b}intermediate.dense", "linear", hf_prefix=p)
+    specs += hf.module(f"{b}output.dense", "linear", hf_prefix=p)
+    specs += hf.module(f"{b}output.LayerNorm", "norm", hf_prefix=p)
   if config.pooler:
-    specs += hf_linear("pooler.dense", p)
+    specs += hf.module("pooler.dense", "linear", hf_prefix=p)
   if config.num_labels and config.model_type == "roberta":
-    specs += hf_linear("classifier.dense") + hf_linear("classifier.out_proj")
+    specs += hf.module("classifier.dense", "linear") + hf.module("classifier.out_proj", "linear")
   elif config.num_labels:
-    specs += hf_linear("classifier")
+    specs += hf.module("classifier", "linear")
   return tuple(specs)
 
 

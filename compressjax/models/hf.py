@@ -124,6 +124,81 @@ class Family:
     return {p: tuple(x.shape) for p, x in leaves_with_paths(shapes)}
 
 
+_MIRROR = {  # kind -> (zoo name of HF's `weight`, layout)
+    "linear": ("kernel", "linear"),     # nn.Linear
+    "conv1d": ("kernel", "same"),       # GPT-2's Conv1D, already (in, out)
+    "norm": ("scale", "same"),          # LayerNorm / RMSNorm
+    "embedding": ("embedding", "same"),
+    "conv2d": ("kernel", "conv2d"),    # nn.Conv2d
+}
+
+
+def mirror(hf_name: str, kind: str, prefix: str = "params/",
+           hf_prefix: str = "") -> TensorSpec:
+  """The spec whose zoo path mirrors the HF name: the module path with list
+  indices joined to their list ('model.layers.0.self_attn.q_proj' ->
+  'model/layers_0/self_attn/q_proj'), then `weight` renamed by `kind` (see
+  _MIRROR) and `bias` kept: 'model.layers.0.self_attn.q_proj.weight' ->
+  'params/model/layers_0/self_attn/q_proj/kernel', layout 'linear'.
+  `hf_prefix` is prepended to the HF name only (a task model's 'bert.' in
+  front of a base model the zoo keeps at the top level)."""
+  if kind not in _MIRROR:
+    raise ValueError(f"unknown kind {kind!r} for {hf_name}; use one of "
+                     f"{sorted(_MIRROR)}")
+  *mods, leaf = hf_name.split(".")
+  parts: list[str] = []
+  for m in mods:
+    if m.isdigit() and parts:
+      parts[-1] += f"_{m}"
+    else:
+      parts.append(m)
+  if leaf == "weight":
+    name, layout = _MIRROR[kind]
+  elif leaf == "bias":
+    name, layout = "bias", "same"
+  else:
+    raise ValueError(f"{hf_name}: expected a .weight or .bias tensor")
+  return TensorSpec(hf_prefix + hf_name, prefix + "/".join(parts + [name]),
+                    layout)
+
+
+def module(name: str, kind: str, bias: bool = True, hf_prefix: str = ""
+           ) -> tuple[TensorSpec, ...]:
+  """The weight (and bias) specs of HF module `name` (see `mirror`)."""
+  names = (f"{name}.weight",) + ((f"{name}.bias",) if bias else ())
+  return tuple(mirror(n, kind, hf_prefix=hf_prefix) for n in names)
+
+
+REQUIRED = object()  # config_field default: the key must be present
+
+
+def config_field(config: Mapping[str, Any], key: str, types: tuple,
+                 default: Any = REQUIRED, *, nullable: bool = False,
+                 positive: bool = False) -> Any:
+  """config.json's `key`, checked: a missing key takes `default` (or is an
+  error when REQUIRED); null is None when `nullable`; else the value must be
+  an instance of `types` (bool is not an int; an int is a float) and, with
+  `positive`, > 0. Raises CompressionError naming the key."""
+  if key not in config:
+    if default is REQUIRED:
+      raise CompressionError(f"config.json has no {key!r}; it is required "
+                             f"for model_type {config.get('model_type')!r}")
+    return default
+  v = config[key]
+  if v is None and nullable:
+    return None
+  ok = isinstance(v, types) and not (isinstance(v, bool) and bool not in types)
+  if not ok and float in types and isinstance(v, int) and not isinstance(
+      v, bool):
+    v, ok = float(v), True
+  if not ok or (positive and v <= 0):
+    names = " or ".join(t.__name__ for t in types)
+    raise CompressionError(
+        f"config.json {key!r} = {v!r} must be {'a positive ' if positive else ''}"
+        f"{names}{' or null' if nullable else ''}; fix config.json")
+  return v
+
+
 FAMILIES: dict[str, Family] = {}  # by HF model_type
 
 

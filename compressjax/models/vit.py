@@ -22,7 +22,7 @@ before the patch convolution (flax's layout).
 (B, 1 + N, D), HF's `last_hidden_state` (token 0 is [CLS], then the N
 patches in row-major order).
 
-Param paths mirror HF's names (see `bert.hf_path`):
+Param paths mirror HF's names (`models.hf.mirror`):
 
   params/embeddings/cls_token                     (1, 1, D)
   params/embeddings/position_embeddings           (1, 1 + N, D)
@@ -60,8 +60,7 @@ import jax.numpy as jnp
 from compressjax.models import hf
 from compressjax.models.bert import (BertIntermediate, BertPooler, attend,
                                      check_activation, check_positive,
-                                     config_error, dense, hf_linear, hf_norm,
-                                     hf_path, layer_norm)
+                                     config_error, dense, layer_norm)
 
 
 def _pair(v) -> tuple[int, int]:
@@ -316,23 +315,21 @@ def tensors(config: ViTConfig) -> tuple[hf.TensorSpec, ...]:
   specs = [hf.TensorSpec(f"{p}{e}{n}", f"params/embeddings/{n}")
            for n in ("cls_token", "position_embeddings")]
   conv = f"{e}patch_embeddings.projection"
-  specs += [hf.TensorSpec(f"{p}{conv}.weight", hf_path(conv, "kernel"),
-                          "conv2d"),
-            hf.TensorSpec(f"{p}{conv}.bias", hf_path(conv, "bias"))]
+  specs += hf.module(conv, "conv2d", hf_prefix=p)
   for i in range(config.num_hidden_layers):
     b = f"encoder.layer.{i}."
     for n in ("query", "key", "value"):
-      specs += hf_linear(f"{b}attention.attention.{n}", p, config.qkv_bias)
-    specs += hf_linear(f"{b}attention.output.dense", p)
-    specs += hf_linear(f"{b}intermediate.dense", p)
-    specs += hf_linear(f"{b}output.dense", p)
-    specs += hf_norm(f"{b}layernorm_before", p)
-    specs += hf_norm(f"{b}layernorm_after", p)
-  specs += hf_norm("layernorm", p)
+      specs += hf.module(f"{b}attention.attention.{n}", "linear", config.qkv_bias, hf_prefix=p)
+    specs += hf.module(f"{b}attention.output.dense", "linear", hf_prefix=p)
+    specs += hf.module(f"{b}intermediate.dense", "linear", hf_prefix=p)
+    specs += hf.module(f"{b}output.dense", "linear", hf_prefix=p)
+    specs += hf.module(f"{b}layernorm_before", "norm", hf_prefix=p)
+    specs += hf.module(f"{b}layernorm_after", "norm", hf_prefix=p)
+  specs += hf.module("layernorm", "norm", hf_prefix=p)
   if config.pooler:
-    specs += hf_linear("pooler.dense", p)
+    specs += hf.module("pooler.dense", "linear", hf_prefix=p)
   if config.num_labels:
-    specs += hf_linear("classifier")
+    specs += hf.module("classifier", "linear")
   return tuple(specs)
 
 
