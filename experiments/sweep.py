@@ -780,14 +780,17 @@ def write_plot(path: str, out: dict) -> None:
     return
   fig, axes = plt.subplots(1, len(fams), figsize=(5.5 * len(fams), 4.5),
                            squeeze=False)
+  curve = lambda r: r["method"].split(" @ ")[0]  # '@ uniform': same curve
+  # one color per method in every panel
+  color = {m: f"C{i}" for i, m in enumerate(sorted(
+      {curve(r) for r in out["records"]}))}
   for ax, fam in zip(axes[0], fams):
     recs = [r for r in out["records"] if r["family"] == fam]
-    methods = sorted({r["method"].split(" @ ")[0] for r in recs})
-    for m in methods:
+    for m in sorted({curve(r) for r in recs}):
       pts = sorted((r["bits_per_weight"], r["value"]) for r in recs
-                   if r["method"].split(" @ ")[0] == m)
+                   if curve(r) == m)
       style = "--" if m.startswith("uniform") else "-"
-      ax.plot(*zip(*pts), style, marker="o", ms=4, label=m)
+      ax.plot(*zip(*pts), style, marker="o", ms=4, label=m, color=color[m])
     allp = [(r["bits_per_weight"], r["value"]) for r in recs]
     front = [allp[i] for i in pareto_front(allp)]
     ax.step(*zip(*front), where="post", color="k", lw=0.8, alpha=0.5,
