@@ -42,6 +42,17 @@ def get_config() -> ml_collections.ConfigDict:
   s.quant.head = "int8_c"        # also uniform with the head at this setting
   s.quant.match_uniform = True   # allocate at each uniform row's true size
 
+  # Mixed (opt-in: add "mixed" to families): bits and sparse+quant
+  # mixtures per layer, under the same kind of budgets.
+  s.mixed = ml_collections.ConfigDict()
+  s.mixed.method = "rtn"
+  s.mixed.candidates = s.quant.candidates
+  s.mixed.mixtures = "wanda50+int4_g64,wanda50+int8_c,nm24+int4_c"
+  s.mixed.bits = "2.5,3.0,3.5,4.0"
+  s.mixed.uniform = "wanda50+int4_g64,nm24+int4_c"
+  s.mixed.head = "int8_c"
+  s.mixed.match_uniform = True
+
   # Sparsity: unstructured, per layer, blocks only (as SparseGPT / Wanda).
   s.sparsity = ml_collections.ConfigDict()
   s.sparsity.method = "wanda"    # wanda | sparsegpt | magnitude

@@ -10,6 +10,8 @@ and its sensitivity), then evaluates points along the size axis:
             greedy baseline when it differs); the uniform settings of
             sweep.quant.uniform (also with the head at sweep.quant.head), and
             the allocation at each uniform's true size
+  mixed     the same, with sparse+quant mixtures (sweep.mixed.mixtures, e.g.
+            wanda50+int4_g64, nm24+int4_c) among every layer's candidates
   sparsity  for every target S in sweep.sparsity.targets: uniform S, OWL, ERK
             and the allocation at uniform S's true size (sparsity transform
             sweep.sparsity.method: wanda, magnitude or sparsegpt)
@@ -554,7 +556,38 @@ class LowRankFamily(Family):
         rules=self.rules()))
 
 
-FAMILIES = {f.name: f for f in (QuantFamily, SparsityFamily, LowRankFamily)}
+_MIX_SPARSE = re.compile(r"(?:(wanda|magnitude)(\d+)|nm(\d)(\d))")
+
+
+class MixedFamily(QuantFamily):
+  """Bits plus sparse+quant mixtures ('wanda50+int4_g64': Wanda 50% then
+  int4 groups of 64 kept values; 'nm24+int4_c': magnitude 2:4 then int4 per
+  channel) among the candidates of every layer, under bits budgets."""
+
+  name = "mixed"
+
+  def mixture(self, name: str) -> A.Candidate:
+    sparse, _, quant = name.partition("+")
+    m = _MIX_SPARSE.fullmatch(sparse)
+    if not m or not quant:
+      raise ValueError(f"cannot read mixture {name!r}; use e.g. "
+                       "wanda50+int4_g64 or nm24+int4_c")
+    method, pct, n, mm = m.groups()
+    if method == "wanda":
+      first = (self.sw.calibrated(T.wanda), dict(sparsity=int(pct) / 100))
+    elif method == "magnitude":
+      first = (T.sparsify, dict(sparsity=int(pct) / 100))
+    else:
+      first = (T.sparsify, dict(pattern="nm", n=int(n), m=int(mm)))
+    return A.mixture(name, first, (self.builder(), quant_setting(quant)))
+
+  def candidates(self):
+    return super().candidates() + [self.mixture(n) for n in
+                                   _names(self.fc.mixtures)]
+
+
+FAMILIES = {f.name: f for f in (QuantFamily, SparsityFamily, LowRankFamily,
+                                MixedFamily)}
 
 
 # ---------------------------------------------------------------------------

@@ -23,16 +23,18 @@ def _config():
   s = c.sweep
   s.sensitivity.batches, s.sensitivity.batch_size = 1, 8
   s.proxy = "output"  # from the captured Gram (Fisher: tests/allocate)
-  s.quant.candidates = "int4_c,int8_c"
-  s.quant.bits = "5.5,7"
-  s.quant.uniform = "int4_c"
+  s.families = "mixed,sparsity,lowrank"  # mixed: the quant family + mixtures
+  s.mixed.candidates = "int4_c,int8_c"
+  s.mixed.mixtures = "magnitude50+int8_c"
+  s.mixed.bits = "5.5,7"
+  s.mixed.uniform = "int4_c,magnitude50+int8_c"
   s.sparsity.method = "magnitude"
   s.sparsity.targets = "0.6"
   s.sparsity.levels = "0.8"
   s.sparsity.nonuniform = "owl"
   s.lowrank.method = "svd"
   s.lowrank.targets = "0.5"
-  s.lowrank.levels = "0.25,0.75"
+  s.lowrank.levels = "0.25"
   return c
 
 
@@ -50,8 +52,8 @@ def test_points_fit_their_budgets(runs):
   _, out, _, _ = runs
   recs = out["records"]
   methods = {(r["family"], r["method"].split(" @ ")[0]) for r in recs}
-  assert methods >= {("quant", "allocated (milp)"), ("quant", "uniform"),
-                     ("quant", "uniform (head int8_c)"),
+  assert methods >= {("mixed", "allocated (milp)"), ("mixed", "uniform"),
+                     ("mixed", "uniform (head int8_c)"),
                      ("sparsity", "uniform"), ("sparsity", "owl"),
                      ("sparsity", "allocated (milp)"),
                      ("lowrank", "uniform"), ("lowrank", "energy"),
@@ -62,16 +64,19 @@ def test_points_fit_their_budgets(runs):
       assert r["layer_bytes"] == r["planned_bytes"]
     if r["method"].startswith("allocated"):
       assert r["layer_bytes"] <= r["budget_bytes"]
-      if " @ " not in r["method"] and r["family"] == "quant":
+      if " @ " not in r["method"] and r["family"] == "mixed":
         assert r["bits_per_weight"] <= r["target"] + 1e-9
   # allocated at a uniform point's true size is no bigger than it
   by = {(r["family"], r["method"], r["target"]): r for r in recs}
   for (fam, m, t), r in by.items():
-    if m.startswith("uniform") and fam != "quant":
+    if m.startswith("uniform") and fam != "mixed":
       a = by[(fam, "allocated (milp)", t)]
       assert a["layer_bytes"] <= r["layer_bytes"]
   for s in out["solvers"]:
     assert s["milp"] <= s["greedy"] + 1e-9 * abs(s["greedy"])
+  mixes = [r for r in recs if r["method"] == "uniform"
+           and r["family"] == "mixed" and "magnitude50" in str(r["choice"])]
+  assert len(mixes) == 1 and mixes[0]["bits_per_weight"] < 32
   owl = [r for r in recs if r["method"] == "owl"][0]
   assert owl["weighted_sparsity"] == pytest.approx(0.6, abs=1e-9)
 
