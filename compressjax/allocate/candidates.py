@@ -7,9 +7,12 @@ config that layer gets from it. Zero stages leaves the layer dense; two stages
 give mixtures (sparsify then quantize the kept values). A candidate is applied
 to one layer by running its transforms on a tree holding only that leaf, at
 its own path (so calibration statistics keyed by path are found), with an
-exact-path rule: the leaf it produces is the leaf the full-tree transform
-produces, so its `nbytes` is the candidate's exact cost (HAWQ-v2 and its
-successors use a size formula instead; here the storage itself is counted).
+exact-path rule: for leaf-wise transforms (all of them but a global
+magnitude threshold, whose leaf depends on the other layers) the leaf it
+produces is the leaf the full-tree transform produces, so its `nbytes` is
+the candidate's exact cost (HAWQ-v2 and its successors use a size formula
+instead; here the storage itself is counted; `Allocation.apply` checks the
+realized bytes against the plan).
 
 `build_table` compresses every selected layer with every candidate once and
 records bytes and sensitivity scores (see `sensitivity`); the solvers
