@@ -57,7 +57,7 @@ from compressjax.models import llama, transformer
 Config = ml_collections.ConfigDict
 Log = Callable[[str], None]
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: needle and copy symbols 0xC0-0xFF
 BOS = 0  # NUL: stdlib_text's document separator, never inside a file
 NEEDLE_KEY_LEN = 5
 NEEDLE_VALUE_LEN = 5
