@@ -26,7 +26,7 @@ from compressjax.core.transform import Transform, chain
 __version__ = "0.1.0"
 
 
-def quantize(params: Any, bits: int = 8, **kw) -> Any:
+def quantize(params: Any, bits: int | None = None, **kw) -> Any:
   """Round-to-nearest quantization of a whole tree (see transforms.quantize)."""
   return transforms.quantize(bits, **kw).apply(params)
 

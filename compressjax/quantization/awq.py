@@ -110,17 +110,8 @@ def _fake_quant(w, q):
   k, n = w.shape
   gs = cfg["group_size"] or k
   x = w.astype(jnp.float32).reshape(k // gs, gs, n)
-  if fmt.symmetric:
-    s = jnp.max(jnp.abs(x), axis=1, keepdims=True) / fmt.max_value
-    s = jnp.where(s > 0, s, 1.0)
-    y = fmt.round(x / s)
-  else:
-    hi = jnp.maximum(jnp.max(x, axis=1, keepdims=True), 0.)
-    lo = jnp.minimum(jnp.min(x, axis=1, keepdims=True), 0.)
-    s = (hi - lo) / (fmt.qmax - fmt.qmin)
-    s = jnp.where(s > 0, s, 1.0)
-    z = jnp.clip(jnp.round(-lo / s), fmt.qmin, fmt.qmax)
-    y = fmt.round(x / s + z) - z
+  s, z = fmt.scale_zero(x, lambda v, fn: fn(v, axis=1, keepdims=True))
+  y = fmt.round(x / s) if z is None else fmt.round(x / s + z) - z
   return (y * s).reshape(k, n)
 
 

@@ -7,14 +7,16 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import compressjax as cj
-from compressjax.core.qarray import apply_groups
+from compressjax.core.contraction import apply_groups
 from compressjax.quantization import quantize_array
 
 
 def _scale_full(q):
   """The scale repeated to the array's shape."""
-  return apply_groups(jnp.zeros(q.shape), q.scale.astype(jnp.float32), q.axis,
-                      lambda a, b: a + b)
+  lay = q.layout
+  return lay.from_matrix(apply_groups(jnp.zeros((lay.k, lay.n)),
+                                      q.scale.astype(jnp.float32),
+                                      lambda a, b: a + b))
 
 
 @settings(max_examples=12)  # eager ops: each example compiles
@@ -87,9 +89,14 @@ def test_asymmetric_zero_points_and_nbytes():
 
 def test_all_zero_group_is_exact():
   w = jnp.zeros((16, 4)).at[8:].set(1.0)
-  for sym in (True, False):
-    q = quantize_array(w, 4, group_size=8, symmetric=sym)
-    np.testing.assert_array_equal(np.asarray(q.materialize()), np.asarray(w))
+  for fmt in ("int4_narrow", "int4_full", "int4_asym"):
+    q = quantize_array(w, format=fmt, group_size=8)
+    d = np.asarray(q.materialize())
+    np.testing.assert_array_equal(d[:8], 0.0)
+    # a constant group: exact on grids where its absmax is a level; the full
+    # symmetric grid maps it to qmax + 1/2, rounded down: error s / 2
+    want = 7 / 7.5 if fmt == "int4_full" else 1.0
+    np.testing.assert_allclose(d[8:], want, rtol=1e-6)
 
 
 def test_dtype_preserved_and_tree_transform():
