@@ -60,7 +60,6 @@ from compressjax.core import transform as transform_lib
 from compressjax.core.errors import CompressionError
 from compressjax.core.rules import Predicate, RuleLike, default_filter, resolve
 from compressjax.core.tree import leaves_with_paths, map_with_paths
-from compressjax.formats.integer import IntFormat
 from compressjax.quantization.rtn import (check_quant_config, quantize_array,
                                       resolve_format)
 from compressjax.quantization.scaling import (ScaleGroup, apply_scales,
@@ -100,12 +99,13 @@ def _qcfg(bits=4, format=None, group_size=128, symmetric=False):
 
 
 def _fake_quant(w, q):
-  """quantize_array(w, ...).materialize() in float32. Integer formats take
-  the same arithmetic without packing codes (much faster to compile inside
-  the searches); tests check the two agree."""
+  """quantize_array(w, ...).materialize() in float32. Formats with a plain
+  float scale per group take the same arithmetic (their own scale rule)
+  without packing codes (much faster to compile inside the searches); tests
+  check the two agree."""
   cfg = dict(q)
   fmt = resolve_format(cfg, "<array>")
-  if not isinstance(fmt, IntFormat):
+  if not fmt.capabilities.float_scale:
     return quantize_array(w, **cfg).materialize().astype(jnp.float32)
   k, n = w.shape
   gs = cfg["group_size"] or k

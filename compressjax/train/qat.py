@@ -79,7 +79,8 @@ from compressjax.core.qarray import QArray, pack_codes
 from compressjax.core.rules import Predicate, RuleLike, default_filter
 from compressjax.core.tree import leaves_with_paths, map_with_paths
 from compressjax.formats import activations
-from compressjax.quantization.rtn import check_quant_config, quantize_array
+from compressjax.quantization.rtn import (check_quant_config, quantize_array,
+                                          resolve_format)
 from compressjax.runtime import dispatch
 
 WEIGHT_MODES = ("lsq", "ste")
@@ -344,13 +345,14 @@ def _check_train_cfg(path: str, shape, cfg) -> None:
 def _check_cfg(path: str, shape, cfg) -> None:
   _check_train_cfg(path, shape, cfg)
   qcfg = {k: cfg[k] for k in _QUANT_KEYS if k in cfg}
-  fmt, _ = check_quant_config(path, shape, qcfg, default_bits=DEFAULT_BITS)
+  fmt = resolve_format(qcfg, path, default_bits=DEFAULT_BITS)
   if not fmt.capabilities.qat:
     raise CompressionError(
         f"qat supports formats with a plain float step per group (int2..int8,"
         f" fp8/fp6/fp4, nf4, ternary, binary), not {fmt.name}, a block-scale "
         "scheme or codebook whose scales are part of the format; quantize "
         "this param with PTQ or skip it with a rule", path)
+  check_quant_config(path, shape, qcfg, default_bits=DEFAULT_BITS)
 
 
 def _make(path, weight, step, zero, shape, dtype, fmt, contract, cfg):

@@ -25,8 +25,8 @@ def gptq_reference(w, h, bits, gs, damp=0.01):
   out = np.zeros_like(W)
   s = None
   for j in range(k):
-    if j % gs == 0:
-      s = np.abs(W[:, j:j + gs]).max(1) / qmax
+    if j % gs == 0:  # the reference code's symmetric grid: 2 max|w| / (2^b-1)
+      s = 2 * np.abs(W[:, j:j + gs]).max(1) / (2**bits - 1)
       s[s == 0] = 1
     q = np.clip(np.round(W[:, j] / s), -qmax - 1, qmax) * s
     err = (W[:, j] - q) / U[j, j]
@@ -51,7 +51,10 @@ def test_matches_float64_reference(bits, gs):
   ref = gptq_reference(w, h, bits, gs)
   got = np.asarray(q.materialize(), np.float64)
   same = np.isclose(got, ref, rtol=1e-4, atol=1e-5)
-  assert same.mean() > 0.98  # float32 vs float64 may flip a rare rounding
+  # float32 vs float64 may flip a rare rounding; on the full-range grid each
+  # group's absmax lands on a tie (+-7.5 at 4 bits: the same error either
+  # way), which the two precisions may break differently
+  assert same.mean() > 0.93
   out = lambda v: np.linalg.norm(np.asarray(x, np.float64) @ v)
   assert abs(out(got - np.asarray(w)) - out(ref - np.asarray(w))) < 0.02 * out(
       ref - np.asarray(w))

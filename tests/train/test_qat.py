@@ -22,7 +22,8 @@ K, N = 8, 6
 # (+ z): the clipping interval of the STE, written out independently.
 FORMATS = {
     "int2": (dict(bits=2), (-2, 1)),
-    "int4": (dict(bits=4), (-8, 7)),
+    "int4": (dict(bits=4), (-8, 7)),  # the default grid: full range
+    "int4_narrow": (dict(format="int4_narrow"), (-7, 7)),
     "int8": (dict(bits=8), (-128, 127)),
     "int4_asym": (dict(bits=4, symmetric=False), (0, 15)),
     "fp8_e4m3": (dict(format="fp8_e4m3"), (-448, 448)),
@@ -137,7 +138,7 @@ def test_forward_and_export_are_ptq_numbers(fmt, gran, seed):
     if a is not None:
       assert a.dtype == b.dtype
       np.testing.assert_array_equal(a, b)
-  assert (ex.fmt, ex.axis, ex.shape) == (ptq.fmt, ptq.axis, ptq.shape)
+  assert (ex.fmt, ex.contract, ex.shape) == (ptq.fmt, ptq.contract, ptq.shape)
 
 
 class MLP(nn.Module):
