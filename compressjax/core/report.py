@@ -110,7 +110,8 @@ def layer_report(original: Any, compressed: Any,
   if extra:
     raise TreeMismatchError(
         "the compressed tree has no param at this path, the original has: "
-        "pass the compressed tree made from this original (same structure)",
+        "summary/layer_report compare a compressed tree with the tree it was "
+        "compressed from; pass trees of the same structure",
         extra[0])
   return rows
 
