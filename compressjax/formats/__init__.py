@@ -2,9 +2,9 @@
 
 `get(name)` resolves a format name used in configs to its object:
   int2 .. int8             uniform integers (IntFormat): symmetric on the
-                           default grid (narrow: -7..7 at 4 bits, see
-                           integer.py); `int4_full` (-8..7, the GPTQ
-                           reference's grid) / `int4_narrow` pick the grid,
+                           default grid (full range: -8..7 at 4 bits, scale
+                           2 max|w| / 15, see integer.py); `int4_narrow`
+                           (-7..7, max|w| / 7) / `int4_full` pick the grid,
                            `int4_asym` (or symmetric=False) a zero point
   binary, ternary, nf4     fixed level sets (LevelsFormat)
   fp8_e4m3, fp8_e5m2, fp6_e2m3, fp6_e3m2, fp4_e2m1   float elements with a

@@ -16,14 +16,18 @@ step is (2^b - 2) / (2^b - 1) of the narrow one. The group's positive absmax
 lands on qmax + 1/2 and rounds to qmax (error s / 2, the RTN bound).
 Asymmetric: s = (max(w, 0) - min(w, 0)) / (2^b - 1), z = round(-min(w, 0) / s).
 
-FULL_RANGE_DEFAULT picks the symmetric grid `int<b>` means: narrow. Measured
-(int4/int3 g128 on the default byte LM, whole validation set, paired): val
-ppl RTN 5.397 / 5.855 narrow vs 5.424 / 5.878 full, GPTQ 5.351 / 5.434 vs
-5.369 / 5.431, QAT int4 (200 steps) 5.206 vs 5.218 (float 5.349). Full range
-has 5-13% lower per-layer weight and output MSE (and GPTQ with it matches the
-reference code's output error), but it moves every group's largest weight
-by s / 2, which costs more than the finer step gains here. `int<b>_full` (or
-IntFormat(b, narrow_range=False)) selects it.
+FULL_RANGE_DEFAULT picks the symmetric grid `int<b>` means: full range, the
+grid of the GPTQ reference code, LSQ (signed Q_N = 2^(b-1)) and PyTorch's
+symmetric observers. Measured on the default byte LM (g128; int2 g64; whole
+validation set, paired; float 5.349), val ppl narrow -> full:
+  RTN  int4 5.397 -> 5.424   int3 5.855 -> 5.878   int2 15.18 -> 7.85
+  GPTQ int4 5.351 -> 5.369   int3 5.434 -> 5.431   int2 6.97 -> 5.90
+  QAT  int4 (LSQ, 200 steps) 5.206 -> 5.218
+Full range has 5-13% lower per-layer weight and output error at every width
+(and GPTQ with it matches the reference code's output error, narrow is 6-20%
+above); narrow wastes one of 2^b codes (a quarter at 2 bits) but keeps each
+group's extremes exact, which this LM prefers by 0.3-0.5% ppl at 3-4 bits.
+`int<b>_narrow` (IntFormat(b, narrow_range=True)) selects it.
 
 Storage: 8-bit codes are stored as they are (int8 symmetric, uint8
 asymmetric); fewer bits are stored unsigned, u = q - qmin, and packed.
@@ -41,7 +45,7 @@ from compressjax.formats.rounding import stochastic_round_int
 from compressjax.formats.scaled import ScaledFormat, nonzero_scale
 
 MIN_BITS, MAX_BITS = 2, 8  # 1 bit: see levels.BINARY (sign and scale)
-FULL_RANGE_DEFAULT = False
+FULL_RANGE_DEFAULT = True
 
 
 @register_format

@@ -18,9 +18,9 @@ sharing one step. Every element format of `compressjax.formats` is
 supported with the same estimator: round(.) is the format's own rounding
 (int: to the integer grid; fp8/fp6/fp4: saturate then nearest-even; nf4,
 ternary, binary: nearest level) and [-Q_N, Q_P] is its code range
-(`Format.code_range`: int symmetric [-(2^(b-1)-1), 2^(b-1)-1] on the default
-narrow grid, [-2^(b-1), 2^(b-1)-1] on the full one, LSQ's signed Q_N, Q_P:
-format="int4_full" is the paper's grid; asymmetric [-z, 2^b-1-z] with the
+(`Format.code_range`: int symmetric [-2^(b-1), 2^(b-1)-1] on the default
+full-range grid, LSQ's signed Q_N, Q_P; [-(2^(b-1)-1), 2^(b-1)-1] on the
+narrow one; asymmetric [-z, 2^b-1-z] with the
 zero point z of RTN, kept fixed, Q_P = 2^b - 1 in g; others [-max, max],
 Q_P = max). So non-integer formats train a learned scale with the STE; their
 step (and that of asymmetric int) starts from the format's PTQ scale rule,

@@ -61,9 +61,9 @@ def test_int_grids_and_names():
   full, narrow = IntFormat(4, narrow_range=False), IntFormat(4, narrow_range=True)
   assert (full.qmin, full.qmax, full.absmax_code) == (-8, 7, 7.5)
   assert (narrow.qmin, narrow.qmax, narrow.absmax_code) == (-7, 7, 7.0)
-  assert formats.get("int4") == narrow  # the measured default (integer.py)
-  assert formats.get("int4_narrow") == narrow and narrow.name == "int4"
-  assert formats.get("int4_full") == full and full.name == "int4_full"
+  assert formats.get("int4") == full  # the measured default (integer.py)
+  assert formats.get("int4_full") == full and full.name == "int4"
+  assert formats.get("int4_narrow") == narrow and narrow.name == "int4_narrow"
   asym = formats.get("int4", symmetric=False)
   assert asym == formats.get("int4_asym") and asym.capabilities.zero_point
   with pytest.raises(cj.CompressionError, match="asymmetric.*nf4"):

@@ -21,10 +21,10 @@ K, N = 8, 6
 # format name -> quantize_array kwargs, and the code range [lo, hi] of y = w/s
 # (+ z): the clipping interval of the STE, written out independently.
 FORMATS = {
-    "int2": (dict(bits=2), (-1, 1)),  # the default grid: narrow range
-    "int4": (dict(bits=4), (-7, 7)),
-    "int4_full": (dict(format="int4_full"), (-8, 7)),
-    "int8": (dict(bits=8), (-127, 127)),
+    "int2": (dict(bits=2), (-2, 1)),  # the default grid: full range
+    "int4": (dict(bits=4), (-8, 7)),
+    "int4_narrow": (dict(format="int4_narrow"), (-7, 7)),
+    "int8": (dict(bits=8), (-128, 127)),
     "int4_asym": (dict(bits=4, symmetric=False), (0, 15)),
     "fp8_e4m3": (dict(format="fp8_e4m3"), (-448, 448)),
     "fp4_e2m1": (dict(format="fp4_e2m1"), (-6, 6)),
