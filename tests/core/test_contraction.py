@@ -58,3 +58,14 @@ def test_matrix_view_is_numpy_transpose_reshape_and_inverts(shape, data):
   np.testing.assert_array_equal(m, want)
   assert (lay.k, lay.n) == want.shape
   np.testing.assert_array_equal(np.asarray(lay.from_matrix(m)), x)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(pattern="channel", channel_axis=2), r"channel_axis=2 is not an axis"),
+    (dict(pattern="nm", n=2, m=4, axis=-3), r"axis=-3 is not an axis"),
+])
+def test_sparsify_axes_out_of_range_are_errors(kw, match):
+  import jax.numpy as jnp
+  with pytest.raises(cj.CompressionError, match=match) as e:
+    cj.sparsify({"blk": {"kernel": jnp.ones((8, 8))}}, 0.5, **kw)
+  assert e.value.path == "blk/kernel"
