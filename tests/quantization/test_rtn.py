@@ -221,16 +221,17 @@ def test_scalar_param_forced_by_a_rule():
 
 def test_conv_kernels_work_with_the_default_axes():
   from flax import linen as nn
-  model = nn.Sequential([nn.Conv(16, (3, 3)), nn.relu, nn.Conv(8, (3, 3))])
-  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 16))
+  model = nn.Conv(8, (3, 3))
+  x = jax.random.normal(jax.random.key(0), (1, 5, 5, 8))
   v = model.init(jax.random.key(1), x)
-  c = cj.quantize(v, 4, group_size=48)  # K = 3*3*16 = 144 = 3 groups
-  k0 = c["params"]["layers_0"]["kernel"]
-  assert k0.contract == (0, 1, 2) and k0.scale.shape == (3, 16)
-  y = jax.jit(lambda c, x: cj.run(model, c, x))(c, x)
+  c = cj.quantize(v, 4, group_size=24)  # K = 3*3*8 = 72 = 3 groups
+  k = c["params"]["kernel"]
+  assert k.contract == (0, 1, 2) and k.scale.shape == (3, 8)
+  y = cj.run(model, c, x)
   np.testing.assert_allclose(y, model.apply(cj.materialize_tree(c), x),
                              rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(y, model.apply(v, x), rtol=0.2, atol=0.2)
+  assert float(jnp.linalg.norm(y - model.apply(v, x)) /
+               jnp.linalg.norm(model.apply(v, x))) < 0.2
 
 
 def test_rule_declares_other_contraction_axes():
