@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import numbers
 import zlib
-from typing import Any, Mapping, Sequence
+from typing import Any, ClassVar, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +34,8 @@ from compressjax.core.base import Stage, compress_inside, inner_arrays
 from compressjax.core.contraction import MatrixLayout, normalize_contract
 from compressjax.core.errors import CompressionError
 from compressjax.core.format import Format
-from compressjax.core.rules import Predicate, RuleLike, default_filter
+from compressjax.core import rules as rules_lib
+from compressjax.core.rules import option
 
 
 def quantize_array(w, bits: int | None = None, *, format: Any = None,
@@ -154,23 +155,47 @@ def _quantize_leaf(path, leaf, cfg, state=None):
   return compress_inside(leaf, Stage.QUANTIZE, one, path)
 
 
+def _is_float_dtype(d) -> bool:
+  try:
+    return jnp.issubdtype(jnp.dtype(d), jnp.floating)
+  except TypeError:
+    return False
+
+
 def _check(path, leaf, cfg):
   for p, x, keeps_layout in inner_arrays(leaf, Stage.QUANTIZE, path):
     check_quant_config(p, x.shape, _inner_cfg(cfg, keeps_layout))
 
 
-def quantize(bits: int | None = None, *, format: Any = None,
-             group_size: int | None = None, symmetric: bool = True,
-             per_tensor: bool = False, axis: Any = None,
-             scale_dtype: Any = jnp.float32, key=None,
-             double_quant: bool = False,
-             rules: Sequence[RuleLike] | None = None,
-             default: Predicate | None = default_filter) -> transform_lib.Transform:
+@rules_lib.options
+class QuantizeOptions(rules_lib.Options):
+  """Round-to-nearest quantization (`quantize_array`)."""
+
+  transform: ClassVar[str] = "quantize"
+  bits: int | None = option(
+      None, "integer bits when format is None (None: 8); with a format, "
+      "optional and then equal to the format's bits")
+  format: str | Format | None = option(
+      None, "a format name from compressjax.formats.NAMES (int3, int4_asym, "
+      "ternary, nf4, fp8_e4m3, mxfp4, nvfp4, codebook3, ...) or a Format")
+  group_size: int | None = option(
+      None, "elements per scale along the contraction axes (None: per "
+      "output feature)", check=lambda g: g >= 1, must="be >= 1 (or None)")
+  symmetric: bool = option(True, "False: integer codes with a zero point")
+  per_tensor: bool = option(False, "one scale for the whole tensor")
+  axis: int | tuple[int, ...] | None = option(
+      None, "contraction axis or axes (None: from the shape, see "
+      "core.contraction)")
+  scale_dtype: Any = option(jnp.float32, "dtype the scales are stored in",
+                            check=_is_float_dtype, must="be a float dtype")
+  key: Any = option(None, "PRNG key for stochastic rounding (None: nearest)")
+  double_quant: bool = option(False, "store the scales as 8-bit integers")
+
+
+@transform_lib.builder(QuantizeOptions, positional=("bits",))
+def quantize(*, options, rules, default) -> transform_lib.Transform:
   """Quantization transform (see `quantize_array`). Per-path overrides via
   rules, e.g. `rules=[(r".*(embed|head).*", dict(bits=8, format=None))]` or
   `[(r".*experts.*", dict(axis=1))]` (contraction axes of MoE kernels)."""
-  base = dict(bits=bits, format=format, group_size=group_size,
-              symmetric=symmetric, per_tensor=per_tensor, axis=axis,
-              scale_dtype=scale_dtype, key=key, double_quant=double_quant)
-  return transform_lib.leaf_transform("quantize", base, _quantize_leaf, _check, rules,
-                          default)
+  return transform_lib.leaf_transform("quantize", options, _quantize_leaf,
+                                      _check, rules, default)
