@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import compressjax as cj
+from compressjax.core import checkpoint
 from compressjax.core.base import Stage, inner_arrays
 from compressjax.core.input_transform import InputTransform
 from compressjax.core.pact_input import PactInput, pact_forward
@@ -113,8 +114,9 @@ def test_leaf_of_another_layout_version_fails_clearly():
 
 def test_checkpoint_of_an_older_format_version_fails_clearly(tmp_path):
   cj.save(tmp_path / "c", {"k": quantize_array(W, 4)})
-  meta = tmp_path / "c" / "structure" / "metadata"
-  spec = json.loads(meta.read_text())
+  meta = tmp_path / "c" / checkpoint.MANIFEST
+  manifest = json.loads(meta.read_text())
+  spec = manifest["spec"]
 
   def age(x):
     if isinstance(x, dict):
@@ -126,7 +128,8 @@ def test_checkpoint_of_an_older_format_version_fails_clearly(tmp_path):
       for v in x:
         age(v)
   age(spec)
-  meta.write_text(json.dumps(spec))
+  manifest["spec_sha256"] = checkpoint._spec_digest(spec)  # an honest old one
+  meta.write_text(json.dumps(manifest))
   with pytest.raises(cj.CompressionError, match="layout version 1"):
     cj.restore(tmp_path / "c")
 
