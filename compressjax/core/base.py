@@ -95,6 +95,10 @@ def nested(outer: str, inner: Any) -> str:
   return outer if d == "dense" else f"{outer}({d})"
 
 
+class NotStackable(ValueError):
+  """A compressed leaf cannot be sliced exactly along its leading axis."""
+
+
 class CompressedLeaf:
   """Base class. Subclasses declare `data_fields` and `meta_fields`."""
 
@@ -127,6 +131,14 @@ class CompressedLeaf:
     return 8.0 * self.nbytes / max(self.size, 1)
 
   # -- behaviour asked by reports and algorithms ---------------------------
+  def unstack(self, n: int):
+    """This leaf stacked along a leading axis of length n (a scanned layer
+    axis): (parts, build), where every part carries that axis first and
+    build(slices) is the leaf of one index; None to let the runtime slice
+    each child of the leaf's rank (`runtime.interpret.stacked_parts`).
+    Raises NotStackable when no exact slicing exists."""
+    return None
+
   def describe(self) -> str:
     return type(self).__name__
 

@@ -9,13 +9,15 @@ tensor), and matrix[i, j] = codebook[group(i), index[i, j]]. `indices` are
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from compressjax.core.base import CompressedLeaf, Stage, compressed_leaf
-from compressjax.core.contraction import MatrixLayout
+from compressjax.core.contraction import (MatrixLayout, split_columns,
+                                          unstacked_layout)
 from pallas_kernels import layout
 
 
@@ -39,6 +41,14 @@ class CodebookArray(CompressedLeaf):
   @property
   def groups(self) -> int:
     return self.codebook.shape[0]
+
+  def unstack(self, n: int):
+    """Stacked along axis 0, an output axis (`CompressedLeaf.unstack`):
+    every index owns a run of N / n index columns; codebooks are per group
+    of rows, shared by every index."""
+    shape, contract = unstacked_layout(self.shape, self.contract, n)
+    return [split_columns(self.indices, n)], lambda sl: dataclasses.replace(
+        self, indices=sl[0], shape=shape, contract=contract)
 
   def describe(self) -> str:
     return f"codebook{self.bits} x{self.groups}"

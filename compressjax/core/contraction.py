@@ -146,3 +146,27 @@ def group_sum_to(x, shape: tuple[int, int]):
   g = shape[0]
   x = x.reshape(g, k // g, n).sum(1)
   return x.sum(1, keepdims=True) if shape[1] == 1 and n != 1 else x
+
+
+def unstacked_layout(shape: Sequence[int], contract: Sequence[int], n: int
+                     ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """Shape and contraction axes of one index of a matrix leaf stacked along
+  axis 0 (length n). Axis 0 must be an output axis: it is then the major
+  part of the flattened columns N, so index i owns the i-th run of N / n
+  columns. Raises NotStackable otherwise."""
+  from compressjax.core.base import NotStackable
+  if len(shape) < 2 or shape[0] != n:
+    raise NotStackable(f"shape {tuple(shape)} is not stacked along a leading "
+                       f"axis of length {n}")
+  if 0 in contract:
+    raise NotStackable(
+        "its axis 0 (a contraction axis, along which it groups and packs) is "
+        "the stacked axis; compress stacked params with the layer axis as an "
+        "output axis, e.g. rules=[(r'.*scanned.*kernel', dict(axis=1))]")
+  return tuple(shape[1:]), tuple(a - 1 for a in contract)
+
+
+def split_columns(a, n: int):
+  """(R, n * m) -> (n, R, m): column run i of a stored matrix first."""
+  r, c = a.shape
+  return jnp.moveaxis(a.reshape(r, n, c // n), 1, 0)

@@ -21,6 +21,7 @@ back out to `shape`). Matmul kernels consume codes and scales as they are.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -28,9 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import layout
-from compressjax.core.base import (CompressedLeaf, Stage, compressed_leaf,
-                                   materialize)
-from compressjax.core.contraction import MatrixLayout, apply_groups
+from compressjax.core.base import (CompressedLeaf, NotStackable, Stage,
+                                   compressed_leaf, materialize)
+from compressjax.core.contraction import (MatrixLayout, apply_groups,
+                                          split_columns, unstacked_layout)
 from compressjax.core.format import Format
 
 
@@ -79,6 +81,43 @@ class QArray(CompressedLeaf):
   @property
   def packed(self) -> bool:
     return self.fmt.bits < 8
+
+  def unstack(self, n: int):
+    """Stacked along axis 0, an output axis (see `CompressedLeaf.unstack`):
+    every index owns a run of N / n stored columns."""
+    shape, contract = unstacked_layout(self.shape, self.contract, n)
+    return self.split_columns(n, shape, contract)
+
+  def split_columns(self, n: int, shape, contract):
+    """(parts, build) splitting the stored (K, N) matrix into n runs of
+    columns; build gives the QArray of one run with `shape` / `contract`.
+    Per-column scales and zeros split with it (also a compressed (G, N)
+    scale, by its own columns); (G, 1) ones are shared."""
+    big = self.layout.n
+    parts, builds = [split_columns(self.codes, n)], []
+
+    def child(c):
+      if c is None or c.shape[-1] != big or big == 1:
+        return lambda sl, c=c: c  # shared by every index
+      if isinstance(c, CompressedLeaf):
+        if not isinstance(c, QArray) or tuple(c.contract) != (0,) or len(
+            c.shape) != 2:
+          raise NotStackable(f"its compressed scale {type(c).__name__} "
+                             f"{tuple(c.shape)} has no column split")
+        sp, sb = c.split_columns(n, (c.shape[0], big // n), (0,))
+      else:
+        sp, sb = [split_columns(c, n)], lambda sl: sl[0]
+      at = len(parts)
+      parts.extend(sp)
+      return lambda sl: sb(sl[at:at + len(sp)])
+
+    scale, zero = child(self.scale), child(self.zero)
+
+    def build(sl):
+      return dataclasses.replace(self, codes=sl[0], scale=scale(sl),
+                                 zero=zero(sl), shape=tuple(shape),
+                                 contract=tuple(contract))
+    return parts, build
 
   def describe(self) -> str:
     g = {"tensor": "t", "channel": "c", "none": "t"}.get(
