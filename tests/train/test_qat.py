@@ -83,7 +83,7 @@ def test_ste_gradient_is_one_inside_range_zero_outside(fmt, gran, shrink,
 def test_lsq_step_gradient_is_eq3_times_g(bits, gran, full, seed):
   w = _weight(seed)
   # LSQ's signed grid is the full range (Q_N = 2^(b-1)); the default narrow
-  # grid has Q_N = Q_P
+  # grid (int<b>_narrow) has Q_N = Q_P
   leaf = Q.fake_quant_leaf(w, format=f"int{bits}_{'full' if full else 'narrow'}",
                            weight="lsq", **GRANS[gran])
   # init: s = 2 mean|v| / sqrt(Q_P) per step
