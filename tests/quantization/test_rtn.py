@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import compressjax as cj
+from compressjax import transforms as T
 from compressjax.core.contraction import apply_groups
 from compressjax.quantization import quantize_array
 
@@ -194,11 +195,8 @@ def test_per_channel_means_per_output_feature():
 
 @pytest.mark.parametrize("kw,match", [
     (dict(format="int8", bits=4), r"bits=4 conflicts with format='int8'"),
-    (dict(bits=4, symmetric="no"), r"symmetric must be True or False"),
     (dict(bits=4, axis=2), r"axis 2 out of range for shape \(16, 8\)"),
     (dict(bits=4, axis=-3), r"axis -3 out of range"),
-    (dict(bits=4, group_size=8.0), r"group_size must be a positive int"),
-    (dict(bits=4, scale_dtype=jnp.int8), r"scale_dtype must be a float"),
     (dict(bits=4, key=0), r"key must be one jax PRNG key"),
     (dict(bits=4, key=jnp.zeros(3)), r"key must be one jax PRNG key"),
     (dict(bits=4, group_size=8, per_tensor=True), r"not both"),
@@ -210,6 +208,21 @@ def test_bad_quantize_configs_name_the_path_and_fix(kw, match):
   tree = {"blk": {"kernel": jnp.ones((16, 8))}}
   with pytest.raises(cj.CompressionError, match=match) as e:
     cj.quantize(tree, **kw)
+  assert e.value.path == "blk/kernel"
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(bits=4, symmetric="no"), r"option symmetric='no' must be bool"),
+    (dict(bits=4, group_size=8.0), r"option group_size=8.0 must be int or "
+     r"None"),
+    (dict(bits=4, scale_dtype=jnp.int8), r"scale_dtype=.* must be a float"),
+])
+def test_bad_option_types_fail_when_the_transform_is_built(kw, match):
+  with pytest.raises(cj.CompressionError, match=match):
+    T.quantize(**kw)
+  w = jnp.ones((16, 8))  # quantize_array checks the same, naming the path
+  with pytest.raises(cj.CompressionError) as e:
+    quantize_array(w, path="blk/kernel", **kw)
   assert e.value.path == "blk/kernel"
 
 
