@@ -89,3 +89,22 @@ def test_pallas_choice_runs_exactly_in_interpret_mode(monkeypatch, name):
   np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
   assert calls == {"fp8_e4m3": ["fp8_matmul"], "mxfp8_e4m3": ["fp8_matmul"],
                    "int4": ["quantized_matmul"], "nf4": []}[name]
+
+
+@pytest.mark.parametrize("name", ["nf4", "mxfp4", "nvfp4", "ternary",
+                                  "fp6_e3m2", "fp8_e5m2"])
+def test_table_formats_run_blocked_from_codes(monkeypatch, name):
+  """Table-lookup formats reach the blocked XLA path from `cj.run` (never
+  the whole float weight), with the materialized weight's result."""
+  q = _q((64, 16), format=name)
+  x = jax.random.normal(jax.random.key(5), (3, 64))
+  want = x @ q.materialize()
+  calls = []
+  orig = dispatch.xla_matmul.quantized_matmul
+  monkeypatch.setattr(dispatch.xla_matmul, "quantized_matmul",
+                      lambda *a, **k: calls.append(1) or orig(*a, **k))
+  _no_materialize(monkeypatch, q.shape)
+  with dispatch.use_kernels("xla"):
+    y = cj.run(lambda t, x: x @ t, q, x)
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+  assert calls == [1]
