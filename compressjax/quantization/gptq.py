@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -41,15 +41,20 @@ from compressjax.core.contraction import MatrixLayout
 from compressjax.core.linalg import hinv_upper
 from compressjax.core.qarray import QArray, pack_codes
 from compressjax.core.rules import option
-from compressjax.quantization.rtn import resolve_format
+from compressjax.formats.scaled import store_scale
+from compressjax.quantization.rtn import _is_float_dtype, resolve_format
 
 _HI = jax.lax.Precision.HIGHEST
 
 
-def _scale_zero(cols, fmt):
+def _scale_zero(cols, fmt, scale_dtype="float32"):
   """Per-row scale (and zero) of a group of columns (N, g): the format's own
-  rule (`Format.scale_zero`)."""
-  s, z = fmt.scale_zero(cols, lambda v, fn: fn(v, axis=1))
+  rule (`Format.scale_zero`), the scale rounded to what `scale_dtype` stores
+  (up, as RTN) before any code is chosen, so the codes and error feedback
+  use the stored scale."""
+  s, z = fmt.scale_zero(cols, lambda v, fn: fn(v, axis=1),
+                        lambda v: store_scale(v, scale_dtype))
+  s = s.astype(jnp.float32)
   return s, jnp.zeros_like(s) if z is None else z
 
 
@@ -57,9 +62,11 @@ _SLAB = 16  # columns per rank-1 slab: the per-column update stays in cache
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "fmt", "group_size", "block_size", "act_order", "static_groups"))
+    "fmt", "group_size", "block_size", "act_order", "static_groups",
+    "scale_dtype"))
 def _gptq(w, h, *, fmt, group_size: int, block_size: int,
-          damp: float, act_order: bool, static_groups: bool):
+          damp: float, act_order: bool, static_groups: bool,
+          scale_dtype: str = "float32"):
   """w: the Flax kernel (K, N) in float32, so GPTQ's column j is row j here
   (contiguous). Returns (q (K, N) code values, scales (G, N), zeros (G, N))."""
   k, n = w.shape
@@ -74,7 +81,7 @@ def _gptq(w, h, *, fmt, group_size: int, block_size: int,
   ut = u.T  # lazy updates read contiguous rows
   g = k // group_size
   if static_groups:
-    s_all, z_all = jax.vmap(lambda c: _scale_zero(c.T, fmt))(
+    s_all, z_all = jax.vmap(lambda c: _scale_zero(c.T, fmt, scale_dtype))(
         w_orig.reshape(g, group_size, n))
   else:
     s_all = jnp.ones((g, n)); z_all = jnp.zeros((g, n))
@@ -94,7 +101,7 @@ def _gptq(w, h, *, fmt, group_size: int, block_size: int,
       if not static_groups:  # a group starts here: scales from updated W
         grp = (i1 + s0) // group_size
         cols = jax.lax.dynamic_slice_in_dim(w1, s0, min(group_size, nb), 0)
-        s_new, z_new = _scale_zero(cols.T, fmt)
+        s_new, z_new = _scale_zero(cols.T, fmt, scale_dtype)
         start = (i1 + s0) % group_size == 0
         s_all = jnp.where(start, s_all.at[grp].set(s_new), s_all)
         z_all = jnp.where(start, z_all.at[grp].set(z_new), z_all)
@@ -139,14 +146,18 @@ def gptq_quantize(w, hessian, *, bits: int | None = None, format=None,
                   group_size: int | None = None,
                   symmetric: bool = True, block_size: int = 128,
                   damp: float = 0.01, act_order: bool = False,
-                  static_groups: bool = False, path: str = "<array>") -> QArray:
+                  static_groups: bool = False, scale_dtype: Any = jnp.float32,
+                  path: str = "<array>") -> QArray:
   """GPTQ of a Flax kernel w (K_in, ...) given H (K_in x K_in): axis 0 is
   contracted (calibration captures that Hessian), every other axis is an
-  output feature (e.g. an Einsum in-projection (d, heads, head_dim))."""
+  output feature (e.g. an Einsum in-projection (d, heads, head_dim)). Scales
+  are stored in `scale_dtype` (float16: exactly what a GPTQ checkpoint
+  holds, see `models.gptq_export`)."""
   w = jnp.asarray(w)
   GptqOptions(bits=bits, format=format, group_size=group_size,
               symmetric=symmetric, block_size=block_size, damp=damp,
-              act_order=act_order, static_groups=static_groups)
+              act_order=act_order, static_groups=static_groups,
+              scale_dtype=scale_dtype)
   if w.ndim < 2:
     raise CompressionError("GPTQ needs a kernel (in, out...) of rank >= 2",
                            path)
@@ -173,9 +184,9 @@ def gptq_quantize(w, hessian, *, bits: int | None = None, format=None,
   q, s, z = _gptq(lay.to_matrix(jnp.asarray(w, jnp.float32)),
                   jnp.asarray(hessian, jnp.float32), fmt=fmt, group_size=gs,
                   block_size=bs, damp=float(damp), act_order=act_order,
-                  static_groups=static)
+                  static_groups=static, scale_dtype=jnp.dtype(scale_dtype).name)
   return QArray(codes=pack_codes(fmt.encode(q), fmt.bits),
-                scale=s.astype(jnp.float32),
+                scale=s.astype(scale_dtype),
                 zero=z.astype(jnp.uint8) if fmt.capabilities.zero_point
                 else None, shape=tuple(w.shape),
                 dtype=jnp.dtype(w.dtype).name, fmt=fmt, contract=lay.contract)
@@ -201,6 +212,8 @@ class GptqOptions(rules_lib.Options):
                        **rules_lib.interval(0))
   act_order: bool = option(False, "process columns by diag(H) descending")
   static_groups: bool = option(False, "group scales from the original W")
+  scale_dtype: Any = option(jnp.float32, "dtype the scales are stored in",
+                            check=_is_float_dtype, must="be a float dtype")
 
 
 @transform_lib.builder(GptqOptions, positional=("bits",))
