@@ -9,7 +9,7 @@ policy update and write; the store buffers are donated, so writes are in
 place), median over `repeats` steps, as a ratio to the dense float cache
 (`kv.DenseKV`) at the same context, timed in the same run (ratio < 1:
 faster). Memory: true bytes of the keys and values held per context token
-(`nbytes` of the QArray codes, scales and zero points; float window
+(`nbytes` of the KVCodes codes, scales and zero points; float window
 separate), bits per cached element, and the spec's theory
 (`KVSpec.bits_per_element`: codes + scale + zero per group).
 
@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from compressjax import kv
-from compressjax.core.base import array_nbytes
+from compressjax.kv.quant import entry_nbytes
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 
@@ -103,8 +103,8 @@ def step_time(store, context: int, repeats: int) -> float:
 
 
 def memory(store, spec, context: int) -> dict:
-  main = array_nbytes(store.keys) + array_nbytes(store.values)
-  window = sum(array_nbytes(getattr(store, f, None)) for f in
+  main = entry_nbytes(store.keys) + entry_nbytes(store.values)
+  window = sum(entry_nbytes(getattr(store, f, None)) for f in
                ("recent_keys", "recent_values"))
   slots = store.keys.shape[2] if hasattr(store, "spec") else store.capacity
   elems = slots * KV_HEADS * HEAD_DIM * 2

@@ -23,7 +23,7 @@ from compressjax.kv.attention import (attend, attend_parts, attention,
 from compressjax.kv.cache import NO_POSITION, DenseKV, init_cache
 from compressjax.kv.policies import (H2O, POLICIES, TOVA, Policy, Random,
                                      SinkWindow, SnapKV, Window)
-from compressjax.kv.quant import KVQuant, kivi, quantize_groups
+from compressjax.kv.quant import KVCodes, KVQuant, kivi, quantize_groups
 from compressjax.kv.store import KVCache, KVSpec, Pyramid, Uniform
 
 
@@ -32,8 +32,8 @@ def memory(cache) -> dict:
   return dict(bytes=int(sum(c.nbytes for c in cache)))
 
 
-__all__ = ["DenseKV", "H2O", "KVCache", "KVQuant", "KVSpec", "NO_POSITION",
-           "POLICIES", "Policy", "Pyramid", "Random", "SinkWindow", "SnapKV",
-           "TOVA", "Uniform", "Window", "attend", "attend_parts",
-           "attention", "init_cache", "kivi", "memory", "quantize_groups",
-           "token_positions", "visible"]
+__all__ = ["DenseKV", "H2O", "KVCache", "KVCodes", "KVQuant", "KVSpec",
+           "NO_POSITION", "POLICIES", "Policy", "Pyramid", "Random",
+           "SinkWindow", "SnapKV", "TOVA", "Uniform", "Window", "attend",
+           "attend_parts", "attention", "init_cache", "kivi", "memory",
+           "quantize_groups", "token_positions", "visible"]

@@ -24,7 +24,7 @@ stores plug in without touching llama.py / gpt2.py):
                                         with G = query heads per kv head
   next_position() -> (B,) int32         position of the next token per row
 
-`kv.store.KVCache` implements it with quantized entries (QArray codes per
+`kv.store.KVCache` implements it with quantized entries (KVCodes per
 token / channel, KIVI) and eviction policies (`kv.policies`: H2O, TOVA,
 SnapKV, StreamingLLM, ...) under a token budget: new tokens go into the
 slots of the tokens it evicts (their positions travel with them, so masking

@@ -2,9 +2,9 @@
 asymmetric min-max or symmetric absmax integers, fp8, and Hadamard-rotated
 keys.
 
-A `KVQuant` says how keys or values are stored. Entries are QArrays
-(`core.qarray`) of shape (B, H, S, D), so `materialize` dequantizes them and
-`nbytes` counts their codes, scales and zero points:
+A `KVQuant` says how keys or values are stored. Entries are `KVCodes` of
+shape (B, H, S, D): `materialize` dequantizes them and `nbytes` counts
+their codes, scales and zero points:
 
   axis="token"    groups of `group_size` channels of one token: scale (and
                   zero) (B, H, S, D / g), codes packed along D;
@@ -16,7 +16,7 @@ KV Cache", Sec. 3): keys per channel, values per token, both with the
 asymmetric min-max quantizer Q(X) = round((X - min X) / s),
 s = (max X - min X) / (2^b - 1), and a full-precision window of the most
 recent tokens (kept by the store, `KVSpec.residual`). The zero point here is
-the integer z = round(-min X / s) stored as int16 (QArray's zero points are
+the integer z = round(-min X / s) stored as int16 (as QArray's zero points are
 integers): the grid (q - z) s then spans [min - s/2, max + s/2] at worst, so
 |x - x_hat| <= s / 2 as with KIVI's float minimum, and a group of all-positive
 keys keeps its own range (rtn's asymmetric scales include 0, which at 2 bits
@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -42,9 +43,8 @@ from pallas_kernels import layout
 from compressjax import formats
 from compressjax.core import hadamard
 from compressjax.core.errors import CompressionError
-from compressjax.core.qarray import QArray, apply_groups
 from compressjax.formats.integer import IntFormat
-from compressjax.quantization.rtn import _store_scale as store_scale
+from compressjax.formats.scaled import store_scale
 
 AXES = ("token", "channel")
 ZERO_DTYPE = jnp.int16
@@ -73,10 +73,10 @@ class KVQuant:
       raise CompressionError(f"KV quantization axis must be one of {AXES}, "
                              f"got {self.axis!r}")
     try:
-      fmt = formats.get(self.format, self.symmetric)
-    except ValueError as e:
+      fmt = formats.get(self.format)
+    except (ValueError, CompressionError) as e:
       raise CompressionError(f"KV quantization: {e}") from None
-    if isinstance(fmt, str):
+    if fmt.block_size is not None or fmt.scale_format is not None:
       raise CompressionError(
           f"KV quantization format {self.format!r} is a block-scale scheme; "
           "use an element format (int2..int8, fp8_e4m3, fp8_e5m2, fp4_e2m1) "
@@ -140,14 +140,14 @@ class KVQuant:
     y = hadamard.fwht(x, axis=-1, block=hadamard.largest_power_of_two_divisor(d))
     return y * jnp.asarray(self.signs(d)).astype(y.dtype)
 
-  def quantize(self, x) -> QArray:
-    """(B, H, S, D) float -> QArray along this spec's axis (already
+  def quantize(self, x) -> KVCodes:
+    """(B, H, S, D) float -> KVCodes along this spec's axis (already
     rotated: call `rotate_in` first)."""
     axis = 3 if self.axis == "token" else 2
     return quantize_groups(x, self.fmt, axis, self.group(x.shape[-1]),
                            self.scale_dtype)
 
-  def dequantize(self, q: QArray, dtype):
+  def dequantize(self, q: KVCodes, dtype):
     return self.rotate_out(q.materialize().astype(jnp.float32)).astype(dtype)
 
   def bits_per_element(self, head_dim: int) -> float:
@@ -159,6 +159,90 @@ class KVQuant:
     return self.bits + extra / g
 
 
+def apply_groups(x, s, axis: int, fn):
+  """fn(x, s) with s repeated over groups of x along `axis` (exact)."""
+  n, g = x.shape[axis], s.shape[axis]
+  if g in (1, n):
+    return fn(x, s)
+  xs = x.reshape(x.shape[:axis] + (g, n // g) + x.shape[axis + 1:])
+  ss = s.reshape(s.shape[:axis] + (g, 1) + s.shape[axis + 1:])
+  return fn(xs, ss).reshape(x.shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class KVCodes:
+  """Quantized cache entries of shape (B, H, S, D): codes packed along
+  `axis` (3: per token, groups of channels; 2: per channel, groups of
+  slots), scale and zero (B, H, S, D / g) or (B, H, S / g, D). Not a
+  `core.QArray`: that type stores a weight's (K, N) matrix, while a cache
+  scatters and gathers whole slots along axis 2 of every child."""
+
+  codes: Any
+  scale: Any
+  zero: Any
+  shape: tuple[int, ...]
+  dtype: str
+  fmt: Any
+  axis: int
+
+  @property
+  def dense_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @property
+  def nbytes(self) -> int:
+    return sum(int(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype)
+               .itemsize for x in (self.codes, self.scale, self.zero)
+               if x is not None)
+
+  def validate(self) -> None:
+    """Raises if the children's shapes or dtypes contradict the metadata."""
+    shape, ax, bits = tuple(self.shape), self.axis, self.fmt.bits
+    codes = list(shape)
+    codes[ax] = layout.packed_length(shape[ax], bits)
+    groups = shape[ax] // max(self.scale.shape[ax], 1)
+    want = {"codes": tuple(codes), "scale": shape[:ax] + (
+        shape[ax] // groups,) + shape[ax + 1:]}
+    if self.zero is not None:
+      want["zero"] = want["scale"]
+    for name, w in want.items():
+      got = tuple(getattr(self, name).shape)
+      if got != w:
+        raise CompressionError(f"KV entries: {name} has shape {got}, "
+                               f"expected {w} for shape {shape}, axis {ax}")
+    if np.dtype(self.codes.dtype) != np.dtype(self.fmt.storage_dtype):
+      raise CompressionError(f"KV entries: codes are {self.codes.dtype}, "
+                             f"{self.fmt} stores "
+                             f"{np.dtype(self.fmt.storage_dtype)}")
+
+  def materialize(self):
+    """(decode(codes) - zero) * scale, per group along `axis`."""
+    stored = self.codes
+    if self.fmt.bits < 8:
+      stored = layout.unpack(stored, self.fmt.bits, self.shape[self.axis],
+                             self.axis)
+    q = self.fmt.decode(stored).astype(jnp.float32)
+    if self.zero is not None:
+      q = apply_groups(q, self.zero.astype(jnp.float32), self.axis,
+                       lambda a, b: a - b)
+    return apply_groups(q, self.scale.astype(jnp.float32), self.axis,
+                        lambda a, b: a * b).astype(self.dtype)
+
+
+jax.tree_util.register_dataclass(
+    KVCodes, data_fields=["codes", "scale", "zero"],
+    meta_fields=["shape", "dtype", "fmt", "axis"])
+
+
+def entry_nbytes(x: Any) -> int:
+  """True bytes of a store child: KVCodes, an array or None."""
+  if x is None:
+    return 0
+  if isinstance(x, KVCodes):
+    return x.nbytes
+  return int(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+
+
 def _reduce(x, fn, axis: int, g: int):
   """fn over groups of g along `axis`, keeping every other dim."""
   n = x.shape[axis]
@@ -167,10 +251,10 @@ def _reduce(x, fn, axis: int, g: int):
 
 
 def quantize_groups(x, fmt, axis: int, group: int,
-                    scale_dtype: Any = jnp.float16) -> QArray:
+                    scale_dtype: Any = jnp.float16) -> KVCodes:
   """Round-to-nearest with one scale (and zero) per group of `group`
   elements along `axis`, every other dim kept (see the module docstring for
-  the quantizers). Returns a QArray of x's shape and dtype."""
+  the quantizers). Returns KVCodes of x's shape and dtype."""
   xf = x.astype(jnp.float32)
   asym = isinstance(fmt, IntFormat) and not fmt.symmetric
   zero = None
@@ -190,7 +274,7 @@ def quantize_groups(x, fmt, axis: int, group: int,
     zero = zf.astype(ZERO_DTYPE)
   stored = fmt.encode(fmt.round(y))
   codes = layout.pack(stored, fmt.bits, axis) if fmt.bits < 8 else stored
-  return QArray(codes=codes, scale=s, zero=zero, shape=tuple(x.shape),
+  return KVCodes(codes=codes, scale=s, zero=zero, shape=tuple(x.shape),
                 dtype=jnp.dtype(x.dtype).name, fmt=fmt, axis=axis)
 
 

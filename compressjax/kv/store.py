@@ -9,7 +9,7 @@
 (the `kv.cache` protocol's `empty`); each layer gets a `KVCache`, a pytree
 with static shapes:
 
-  keys, values  (B, H_kv, S, D) in the model's dtype, or QArrays
+  keys, values  (B, H_kv, S, D) in the model's dtype, or KVCodes
                 (`kv.quant`: per token or per channel groups)
   positions     (B, H_kv, S) int32, NO_POSITION where empty (per head:
                 per-head policies keep different tokens per kv head)
@@ -46,13 +46,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from compressjax.core.base import array_nbytes, is_concrete
+from compressjax.core.base import is_concrete
 from compressjax.core.errors import CompressionError
-from compressjax.core.qarray import QArray
 from compressjax.kv import policies
 from compressjax.kv.attention import attend_parts
 from compressjax.kv.cache import NO_POSITION
-from compressjax.kv.quant import ZERO_DTYPE, KVQuant
+from compressjax.kv.quant import ZERO_DTYPE, KVCodes, KVQuant, entry_nbytes
 
 _DROP = np.iinfo(np.int32).max  # a scatter index that is dropped
 
@@ -199,7 +198,7 @@ class KVSpec:
         cshape = (batch, kv_heads, slots * q.bits // 8, head_dim)
         sshape = (batch, kv_heads, slots // g, head_dim)
         ax = 2
-      main = QArray(codes=jnp.zeros(cshape, q.fmt.storage_dtype),
+      main = KVCodes(codes=jnp.zeros(cshape, q.fmt.storage_dtype),
                     scale=jnp.ones(sshape, q.scale_dtype),
                     zero=None if q.symmetric else jnp.zeros(sshape,
                                                             ZERO_DTYPE),
@@ -267,21 +266,21 @@ def _gather(x, idx):
 
 
 def _map_entries(fn, n: int, *entries):
-  """fn over the slot-indexed children of float / per-token QArray entries
+  """fn over the slot-indexed children of float / per-token KVCodes entries
   (all with the slot axis 2); n: slots of the result."""
   e0 = entries[0]
-  if not isinstance(e0, QArray):
+  if not isinstance(e0, KVCodes):
     return fn(*entries)
   kids = {f: fn(*[getattr(e, f) for e in entries])
           for f in ("codes", "scale") if getattr(e0, f) is not None}
   zero = None if e0.zero is None else fn(*[e.zero for e in entries])
-  return QArray(codes=kids["codes"], scale=kids["scale"], zero=zero,
+  return KVCodes(codes=kids["codes"], scale=kids["scale"], zero=zero,
                 shape=e0.shape[:2] + (n,) + e0.shape[3:], dtype=e0.dtype,
                 fmt=e0.fmt, axis=e0.axis)
 
 
 def _encode(q: KVQuant | None, x, dtype):
-  """New tokens (B, H, T, D) float -> per-token entries (float or QArray);
+  """New tokens (B, H, T, D) float -> per-token entries (float or KVCodes);
   per-channel lanes quantize whole groups later (None here)."""
   if q is None:
     return x.astype(dtype)
@@ -348,18 +347,18 @@ class KVCache:
   @property
   def recent_dtype(self):
     k = self.keys
-    return k.dtype if not isinstance(k, QArray) else k.dense_dtype
+    return k.dtype if not isinstance(k, KVCodes) else k.dense_dtype
 
   @property
   def nbytes(self) -> int:
     """True bytes of every array the store holds."""
-    return sum(array_nbytes(getattr(self, f)) for f in (
+    return sum(entry_nbytes(getattr(self, f)) for f in (
         "keys", "values", "positions", "recent_keys", "recent_values",
         "scores", "next"))
 
   def entry_nbytes(self) -> int:
     """Bytes of keys and values alone (codes, scales, zeros, float window)."""
-    return sum(array_nbytes(getattr(self, f)) for f in (
+    return sum(entry_nbytes(getattr(self, f)) for f in (
         "keys", "values", "recent_keys", "recent_values"))
 
   # -- protocol
@@ -567,7 +566,7 @@ class KVCache:
     rows = (grp[..., None] * gp + jnp.arange(gp)).reshape(b, k * gp)
     rows = jnp.where(jnp.repeat(active, gp, axis=1), rows, _DROP)[:, None]
     gidx = jnp.where(active, grp, _DROP)[:, None]
-    return QArray(codes=_scatter(main.codes, rows, qa.codes),
+    return KVCodes(codes=_scatter(main.codes, rows, qa.codes),
                   scale=_scatter(main.scale, gidx, qa.scale),
                   zero=None if main.zero is None else _scatter(
                       main.zero, gidx, qa.zero),
