@@ -24,21 +24,23 @@ def get_config():
   c.model.n_layers = 2
   c.model.n_heads = 2
   c.model.d_mlp = 64
-  c.train.steps = 100
-  c.train.batch_size = 8
+  # compilation, not steps, is the cost at this size: train long enough for
+  # orderings (int2 well above int4, ...) to show
+  c.train.steps = 800
+  c.train.batch_size = 16
   c.train.learning_rate = 1e-2
-  c.train.warmup = 5
-  c.train.log_every = 25
+  c.train.warmup = 20
+  c.train.log_every = 200
   c.eval.batch_size = 16
   c.eval.max_batches = 4
   c.quant.group_size = 32
   c.quant.nf4_group_size = 32
   c.calib.batches = 4
   c.calib.batch_size = 8
-  c.finetune.steps = 4
-  c.finetune.warmup = 1
-  c.finetune.update_every = 1
-  c.finetune.prune_every = 1
-  c.finetune.log_every = 2
+  c.finetune.steps = 30
+  c.finetune.warmup = 3
+  c.finetune.update_every = 5
+  c.finetune.prune_every = 5
+  c.finetune.log_every = 10
   c.methods = tiny_methods(c.methods)
   return c

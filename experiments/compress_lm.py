@@ -26,11 +26,6 @@ from absl import app
 from experiments import harness
 from experiments import lm_task
 
-# Resolved against this file, so the default works from any directory.
-_DEFAULT_CONFIG = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
-    "default.py")
-
 
 def main(argv):
   config, workdir = harness.setup_main(argv)
@@ -40,5 +35,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  harness.define_flags(_DEFAULT_CONFIG, "runs/compress_lm")
+  harness.define_flags(lm_task.DEFAULT_CONFIG, "runs/compress_lm")
   app.run(main)

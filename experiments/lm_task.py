@@ -33,6 +33,11 @@ from experiments import rows as rows_lib
 Config = ml_collections.ConfigDict
 
 METRIC = "val_ppl"
+# The default experiment's config file, resolved against this file so it
+# works from any directory.
+DEFAULT_CONFIG = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+    "default.py")
 TITLE = "compressjax: byte-level LM on stdlib source"
 
 # Bump when the model or training code changes in a way the config does not

@@ -1,6 +1,7 @@
 r"""Rewrites the README's results table from a run's results.md.
 
-    python -m experiments.readme_table runs/default/results.md [--readme README.md]
+    python -m experiments.readme_table runs/default/results.md \
+        [--readme README.md]
 
 The table lives between the markers BEGIN and END (HTML comments, invisible
 on GitHub); everything between them is replaced by the selected columns of
@@ -16,7 +17,8 @@ import os
 import re
 import sys
 
-BEGIN = "<!-- results-table:begin (generated: python -m experiments.readme_table) -->"
+BEGIN = ("<!-- results-table:begin (generated: python -m "
+         "experiments.readme_table) -->")
 END = "<!-- results-table:end -->"
 COLUMNS = ("method", "val ppl", "bits/w (layers)", "bits/w (model)", "ratio")
 PROVENANCE = ("environment", "baseline key")

@@ -62,7 +62,7 @@ def _train(ctx: Context, name: str, extra: dict, loss_fn, params, opt
   return loop.train(
       loss_fn, params, opt, batches, steps=f.steps, seed=c.seed,
       workdir=run_dir(ctx, name, extra), checkpoint_every=f.steps, keep=1,
-      log_every=f.log_every, progress=lambda s: ctx.log("  " + s))
+      log_every=f.log_every, progress=lambda s: ctx.log(f"  [{name}] {s}"))
 
 
 def facts(res: loop.TrainResult) -> dict:

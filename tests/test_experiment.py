@@ -208,7 +208,7 @@ def test_outputs_checkpoints_and_deterministic_rows(run):
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   # the README generator reads this results.md
   block = readme_table.table(md)
-  assert block.count("\n| ") == len(res) + 1 and "| float32 | " in block
+  assert block.count("\n| ") == len(res) and "| float32 | " in block
   # recompressing gives the saved tree, bit for bit
   ctx = harness.Context(c, task, workdir, log=lambda s: None)
   for name in ("nm_2_4+int4", "gptq_int4_g32"):
@@ -355,3 +355,41 @@ def test_model_shapes():
   y1, y2 = apply(variables, tokens), apply(variables, t2)
   np.testing.assert_allclose(y1[:, :5], y2[:, :5], atol=1e-6)
   assert not np.allclose(y1[:, 5:], y2[:, 5:])
+
+
+def test_readme_block_is_rewritten_between_markers():
+  md = ("# t\n\n- **environment**: Python 3.11.7\n- **baseline key**: abc\n\n"
+        "| method | val ppl | bits/w (layers) | bits/w (model) | size (KiB) "
+        "| ratio | seconds | description |\n|---|---:|---:|---:|---:|---:|"
+        "---:|---|\n| float32 | 5.322 | 32.00 | 32.00 | 3420.0 | 1.00x | "
+        "0.00 | float |\n| int8 | 5.322 | 8.19 | 9.72 | 1041.0 | 3.29x | "
+        "1.0 | rtn |\n")
+  readme = (f"intro\n{readme_table.BEGIN}\n| old | table |\n"
+            f"{readme_table.END}\nrest\n")
+  out = readme_table.rewrite(readme, readme_table.table(md))
+  assert out.startswith("intro\n") and out.endswith(
+      f"{readme_table.END}\nrest\n")
+  assert "| old |" not in out
+  assert "| int8 | 5.322 | 8.19 | 9.72 | 3.29x |" in out
+  assert "Python 3.11.7" in out and "abc" in out
+  # idempotent
+  assert readme_table.rewrite(out, readme_table.table(md)) == out
+  with pytest.raises(ValueError, match="exactly one"):
+    readme_table.rewrite("no markers", "x")
+  with pytest.raises(ValueError, match="no column"):
+    readme_table.table(md, ("method", "perplexity"))
+
+
+def test_seed_sweep_orderings_table(tmp_path):
+  from experiments import seed_sweep
+  names = ["int4_g128", "gptq_int4_g128", "awq_int4_g128", "lowrank"]
+  assert seed_sweep.orderings(names) == [("gptq_int4_g128", "int4_g128"),
+                                         ("awq_int4_g128", "int4_g128")]
+  recs = [dict(seed=s, calib_seed=1, method=n, value=v)
+          for s, vals in ((0, (5.0, 4.9, 5.1, 6.0)), (1, (5.0, 4.8, 4.9,
+                                                          6.0)))
+          for n, v in zip(names, vals)]
+  text = seed_sweep.write(str(tmp_path), recs, names)
+  assert "gptq_int4_g128 <= int4_g128: 2/2" in text
+  assert "awq_int4_g128 <= int4_g128: 1/2" in text and "**no**" in text
+  assert json.loads((tmp_path / "sweep.json").read_text()) == recs
