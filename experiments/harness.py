@@ -155,18 +155,23 @@ class Context:
 # ---------------------------------------------------------------------------
 
 # XLA CPU flags that make a run's numbers independent of the machine's core
-# count and, among x86 CPUs with AVX2, of its instruction set (measured on
-# 200 baseline steps, see `configure_jax`).
+# count and, among x86 CPUs with AVX2, of its instruction set. Measured with
+# jax/jaxlib 0.10.2: the default 2000-step baseline trained on 1 core
+# (taskset) is bit-identical to the one trained on 2; without the flags, 200
+# steps on 1 core, on 2 cores and with Eigen's threading off gave three
+# different sets of weights.
 PINNED_XLA_FLAGS = (
     # YNNPACK fusions (on by default for dots, reductions, elementwise ops)
     # split work by the thread pool's size: 1 and 2 cores gave different
     # weights; without them XLA's own kernels gave identical ones.
     "--xla_cpu_experimental_ynn_fusion_type=",
+) + ((
     # LLVM code generation targets the host's vector width, which changes
     # the association of vectorized reductions: AVX512, AVX2, AVX and SSE4.2
-    # codegen gave four different baselines on one machine.
+    # codegen gave four different baselines on one machine. (Other
+    # architectures: nothing to pin, and not bit-identical to x86 anyway.)
     "--xla_cpu_max_isa=AVX2",
-)
+) if platform.machine().lower() in ("x86_64", "amd64") else ())
 
 
 def pin_xla_flags() -> list[str]:
@@ -180,9 +185,6 @@ def pin_xla_flags() -> list[str]:
   current = os.environ.get("XLA_FLAGS", "")
   added = []
   for flag in PINNED_XLA_FLAGS:
-    if "isa" in flag and platform.machine().lower() not in ("x86_64", "amd64"):
-      continue  # other architectures: nothing to pin (not reproducible
-      #           bit for bit with x86 anyway)
     if flag.split("=")[0] not in current:
       added.append(flag)
   os.environ["XLA_FLAGS"] = " ".join([current] + added).strip()
@@ -192,11 +194,11 @@ def pin_xla_flags() -> list[str]:
 def configure_jax(workdir: str | None = None) -> None:
   """What the experiments' entry points pin before any computation.
 
-  * PINNED_XLA_FLAGS: with them, the float baseline is bit-identical with 1
-    or 2 cores, with Eigen's threading on or off, and run to run. What still
-    changes the numbers: the jax/jaxlib version (another compiler), a CPU
-    without AVX2 or not x86, another backend (GPU/TPU): `environment()`
-    records these in results.md.
+  * PINNED_XLA_FLAGS (see there). What still changes the numbers: the
+    jax/jaxlib version (another compiler), a CPU without AVX2 or not x86,
+    another backend (GPU/TPU), another data source (`config.data.source =
+    "installed"`: the stdlib bytes differ between Python patch releases).
+    results.md's header records them (`environment()`, the data digest).
   * a persistent compilation cache in <workdir>/jax_cache: a rerun skips
     most compilation, which is most of its time on CPU.
   """

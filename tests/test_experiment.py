@@ -76,10 +76,10 @@ def test_float_row_is_the_baseline(run):
   workdir, c, res, task = run
   _, val, _ = lm_task.load_data(c)
   total = count = 0
+  apply = jax.jit(task.model.apply)
   for b in stdlib_text.eval_batches(val, c.data.seq_len, c.eval.batch_size,
                                     c.eval.max_batches):
-    logits = np.asarray(task.model.apply(task.baseline, b[:, :-1]),
-                        np.float64)
+    logits = np.asarray(apply(task.baseline, b[:, :-1]), np.float64)
     logp = logits - logits.max(-1, keepdims=True)
     logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
     y = b[:, 1:].astype(int)
@@ -189,12 +189,18 @@ def test_orderings_that_hold_at_tiny_size(run):
   v = {k: r["value"] for k, r in res.items()}
   assert abs(v["int8"] / v["float32"] - 1) < 0.01
   assert abs(v["fp8_e4m3"] / v["float32"] - 1) < 0.02
-  assert v["int2_g32"] > v["int4_g32"]
+  assert v["int2_g32"] > v["int3_g32"] > v["int4_g32"] > v["float32"]
+  # calibrated beats data-free where the gap is wide even at this size
+  # (measured margins 0.15 to 1.3 ppl)
+  for calibrated, plain in (("gptq_int3_g32", "int3_g32"),
+                            ("awq_int3_g32", "int3_g32"),
+                            ("sparsegpt_50", "unstructured_50"),
+                            ("sparsegpt_2_4", "nm_2_4"),
+                            ("svd_llm", "lowrank")):
+    assert v[calibrated] < v[plain], (calibrated, plain)
   assert res["nm_2_4+int4"]["size_bytes"] < res["nm_2_4"]["size_bytes"]
   assert (res["int2_g32"]["size_bytes"] < res["int3_g32"]["size_bytes"] <
           res["int4_g32"]["size_bytes"] < res["int8"]["size_bytes"])
-  # the training rows' control improves on the float model it starts from
-  assert v["float32_ft"] < v["float32"]
 
 
 def test_outputs_checkpoints_and_deterministic_rows(run):
@@ -313,8 +319,17 @@ def test_snapshot_is_pinned_and_readable_like_a_stdlib(tmp_path):
   b = stdlib_text.load(max_bytes=None, root=str(tmp_path), return_split=True)
   np.testing.assert_array_equal(a[0], b[0])
   assert a[2].digest == b[2].digest
-  assert stdlib_text.write_snapshot(str(tmp_path / "s.tar.xz"),
-                                    str(tmp_path)) is not None
+  # write_snapshot round trip (a few modules: xz at -9e is slow)
+  few = stdlib_text.MODULES[:3]
+  digest = stdlib_text.write_snapshot(str(tmp_path / "s.tar.xz"),
+                                      str(tmp_path), modules=few)
+  import hashlib
+  import tarfile
+  blob = (tmp_path / "s.tar.xz").read_bytes()
+  assert hashlib.sha256(blob).hexdigest() == digest
+  with tarfile.open(tmp_path / "s.tar.xz") as tar:
+    assert tar.getnames() == sorted(few)
+    assert all(tar.extractfile(n).read() == files[n] for n in few)
   with pytest.raises(ValueError, match="source must be one of"):
     stdlib_text.load(source="pypi")
 
@@ -342,17 +357,14 @@ def test_batches():
     stdlib_text.read_module("no_such_module.py", source="installed")
 
 
-def test_model_shapes():
-  cfg = transformer.TransformerConfig(d_model=16, n_layers=1, n_heads=2,
-                                      d_mlp=32, seq_len=8)
-  model = transformer.TransformerLM(cfg)
-  tokens = jnp.zeros((2, 8), jnp.uint8)
-  variables = jax.jit(model.init)(jax.random.key(0), tokens)
-  apply = jax.jit(model.apply)
-  assert apply(variables, tokens).shape == (2, 8, 256)
-  # Causal: changing a later token leaves earlier logits unchanged.
+def test_model_is_causal(run):
+  _, c, _, task = run
+  apply = jax.jit(task.model.apply)
+  tokens = jnp.zeros((2, c.data.seq_len), jnp.uint8)
   t2 = tokens.at[:, 5].set(7)
-  y1, y2 = apply(variables, tokens), apply(variables, t2)
+  y1, y2 = apply(task.baseline, tokens), apply(task.baseline, t2)
+  assert y1.shape == (2, c.data.seq_len, 256)
+  # changing a later token leaves earlier logits unchanged
   np.testing.assert_allclose(y1[:, :5], y2[:, :5], atol=1e-6)
   assert not np.allclose(y1[:, 5:], y2[:, 5:])
 
