@@ -69,8 +69,7 @@ class Task:
 
   model: the unmodified Flax module (`cj.run(model, tree, inputs)`).
   baseline: its float variables, the tree every row compresses.
-  metric: the name written to results.json (e.g. "val_ppl"); lower_is_better
-    orders the plot's reference line only.
+  metric: the name written to results.json (e.g. "val_ppl").
   evaluate(tree) -> dict with "value" (the metric) and any extra fields.
   calib_inputs(seed, n_batches, batch_size) -> list of model inputs.
   key: identifies the baseline (training rows key their caches with it).
@@ -95,7 +94,6 @@ class Task:
   scale_groups: Any = None
   rotation_plan: Any = None
   training: Training | None = None
-  lower_is_better: bool = True
   info: dict = dataclasses.field(default_factory=dict)
 
 
@@ -371,7 +369,7 @@ def run(config, task: Task, rows: Sequence[Any], workdir: str,
   results = run_rows(ctx, rows, save=save,
                      overlap_training=overlap_training)
   write_results(workdir, results, task.title,
-                {**task.header, **(header or {})}, task.lower_is_better)
+                {**task.header, **(header or {})})
   return results
 
 
@@ -383,8 +381,8 @@ MD_COLUMNS = ("method", "value", "bits/w (layers)", "bits/w (model)",
               "size (KiB)", "ratio", "seconds", "description")
 
 
-def write_results(workdir: str, rows: list[dict], title: str, header: dict,
-                  lower_is_better: bool = True) -> None:
+def write_results(workdir: str, rows: list[dict], title: str,
+                  header: dict) -> None:
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(rows, f, indent=2)
   write_markdown(os.path.join(workdir, "results.md"), rows, title, header)
