@@ -9,6 +9,7 @@
     print(cj.summary(variables, c)); cj.save(path, c)
 """
 
+import inspect
 from typing import Any
 
 from compressjax import calibrate, formats, transforms
@@ -26,19 +27,25 @@ from compressjax.core.transform import Transform, chain
 __version__ = "0.1.0"
 
 
-def quantize(params: Any, bits: int = 8, **kw) -> Any:
-  """Round-to-nearest quantization of a whole tree (see transforms.quantize)."""
-  return transforms.quantize(bits, **kw).apply(params)
+def _function_form(build):
+  """`name(params, *args, **options)` = `transforms.name(*args,
+  **options).apply(params)`, with the builder's signature and docs."""
+  def fn(params: Any, *args, **kw) -> Any:
+    return build(*args, **kw).apply(params)
+
+  sig = inspect.signature(build)
+  first = inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+  fn.__signature__ = sig.replace(parameters=[first, *sig.parameters.values()],
+                                 return_annotation=Any)
+  fn.__name__ = fn.__qualname__ = build.__name__
+  fn.__doc__ = (f"transforms.{build.__name__}(...).apply(params): the whole "
+                f"tree at once.\n\n{build.__doc__}")
+  return fn
 
 
-def sparsify(params: Any, sparsity: float = 0.5, **kw) -> Any:
-  """Magnitude sparsification of a whole tree (see transforms.sparsify)."""
-  return transforms.sparsify(sparsity, **kw).apply(params)
-
-
-def low_rank(params: Any, rank: int | None = None, **kw) -> Any:
-  """Truncated-SVD factorization of a whole tree (see transforms.low_rank)."""
-  return transforms.low_rank(rank, **kw).apply(params)
+quantize = _function_form(transforms.quantize)  # round to nearest
+sparsify = _function_form(transforms.sparsify)  # magnitude
+low_rank = _function_form(transforms.low_rank)  # truncated SVD
 
 
 __all__ = [

@@ -21,8 +21,6 @@ def _tree(w=None):
      r"group_size 96 does not divide in_features 1000"),
     (lambda: cj.quantize(_tree(), 9), r"bits must be in \[2, 8\], got 9"),
     (lambda: cj.quantize(_tree(), 1), r"bits must be in \[2, 8\], got 1"),
-    (lambda: cj.sparsify(_tree(), 1.0), r"sparsity must be in \[0, 1\)"),
-    (lambda: cj.sparsify(_tree(), -0.1), r"sparsity must be in \[0, 1\)"),
     (lambda: cj.sparsify(_tree(), pattern="nm", n=4, m=4),
      r"N:M sparsity needs 0 < N < M, got 4:4"),
     (lambda: cj.sparsify(_tree(), pattern="nm", n=2, m=3),
@@ -35,6 +33,27 @@ def test_bad_configs_name_the_path(call, match):
   with pytest.raises(cj.CompressionError, match=match) as e:
     call()
   assert f"'{PATH}'" in str(e.value) and e.value.path == PATH
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: cj.sparsify(_tree(), 1.0),
+     r"sparsify: option sparsity=1.0 must be in \[0, 1\)"),
+    (lambda: cj.sparsify(_tree(), -0.1),
+     r"sparsify: option sparsity=-0.1 must be in \[0, 1\)"),
+    (lambda: cj.low_rank(_tree(), 4.5),
+     r"low_rank: option rank=4.5 must be int or None, got float"),
+    (lambda: cj.sparsify(_tree(), pattern="nm", n=2.0, m=4),
+     r"sparsify: option n=2.0 must be int or None, got float"),
+    (lambda: cj.sparsify(_tree(), pattern="nm", n=2, m=4.0),
+     r"sparsify: option m=4.0 must be int or None, got float"),
+    (lambda: cj.sparsify(_tree(), pattern="nn", n=2, m=4),
+     r"option pattern='nn' must be one of .*; did you mean 'nm'\?"),
+])
+def test_leaf_independent_values_fail_when_the_transform_is_built(call,
+                                                                   match):
+  with pytest.raises(cj.CompressionError, match=match) as e:
+    call()
+  assert e.value.path is None  # no param was looked at yet
 
 
 def test_non_float_leaf_asked_for_explicitly():

@@ -85,7 +85,53 @@ def partition_float(tree: Any) -> tuple[Any, Any]:
   return flo, rest
 
 
+def _is_none_or_compressed(x: Any) -> bool:
+  return x is None or is_compressed(x)
+
+
+def _first_difference(a: Any, b: Any) -> str:
+  """Where two trees first differ: a path in one only, or a node whose
+  type or static metadata differs."""
+  fa = dict((path_str(p), x) for p, x in _TREE.tree_flatten_with_path(
+      a, is_leaf=_is_none_or_compressed)[0])
+  fb = dict((path_str(p), x) for p, x in _TREE.tree_flatten_with_path(
+      b, is_leaf=_is_none_or_compressed)[0])
+  for p in fa:
+    if p not in fb:
+      return f"{p!r} is in the first tree only"
+  for p in fb:
+    if p not in fa:
+      return f"{p!r} is in the second tree only"
+  for p, x in fa.items():
+    y = fb[p]
+    if type(x) is not type(y) and None not in (x, y):
+      return (f"{p!r} is a {type(x).__name__} in the first tree, a "
+              f"{type(y).__name__} in the second")
+    if is_compressed(x) and is_compressed(y) and (
+        _TREE.tree_structure(x) != _TREE.tree_structure(y)):
+      return f"{p!r} has other static metadata (format, shape, ...)"
+  return "the containers differ (dict vs list, key order or node types)"
+
+
 def combine(float_part: Any, rest: Any) -> Any:
-  """Inverse of `partition_float`."""
-  return jax.tree.map(lambda a, b: b if a is None else a, float_part, rest,
-                      is_leaf=lambda x: x is None)
+  """Inverse of `partition_float`: both halves must come from one tree."""
+  from compressjax.core.errors import TreeMismatchError
+  sa = _TREE.tree_structure(float_part, is_leaf=lambda x: x is None)
+  sb = _TREE.tree_structure(rest, is_leaf=lambda x: x is None)
+  if sa != sb:
+    raise TreeMismatchError(
+        f"combine: the two trees differ in structure: "
+        f"{_first_difference(float_part, rest)}; pass the two halves that "
+        "partition_float returned for the same tree (after jax.grad, the "
+        "gradient of the float half has that half's structure)")
+
+  def pick(path, a, b):
+    if a is not None and b is not None:
+      raise TreeMismatchError(
+          "combine: both trees hold a value here; pass the float half first "
+          "and the rest second, as partition_float returns them",
+          path_str(path))
+    return b if a is None else a
+
+  return _TREE.tree_map_with_path(pick, float_part, rest,
+                                  is_leaf=lambda x: x is None)

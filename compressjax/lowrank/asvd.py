@@ -32,7 +32,7 @@ rules instead.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, ClassVar, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -42,10 +42,11 @@ from compressjax.core import transform as transform_lib
 from compressjax.core.errors import CompressionError
 from compressjax.core.lowrank import LowRank
 from compressjax.core.qarray import QArray
-from compressjax.core.rules import Predicate, RuleLike, default_filter
+from compressjax.core import rules as rules_lib
+from compressjax.core.rules import option
 from compressjax.core.sparse import NMSparseArray, SparseArray
-from compressjax.lowrank.svd import (check_lowrank_config, choose_rank,
-                                     matrix_shape)
+from compressjax.lowrank.svd import (LowRankOptions, check_lowrank_config,
+                                     choose_rank, matrix_shape)
 
 EPS = 1e-6  # floor on mean|x_j|, relative to the largest channel's mean
 
@@ -79,6 +80,8 @@ def asvd_factorize(w, mean_abs, *, alpha: float = 0.5, rank=None,
                    path: str = "<array>") -> LowRank:
   """ASVD of a Flax kernel w (K_in, N_out) given mean |x_j| over K_in."""
   w = jnp.asarray(w)
+  AsvdOptions(alpha=alpha, rank=rank, rank_ratio=rank_ratio, energy=energy,
+              residual=residual)  # types and ranges
   cfg = dict(rank=rank, rank_ratio=rank_ratio, energy=energy)
   check_lowrank_config(path, w.shape, cfg)
   _check_alpha(path, alpha)
@@ -122,11 +125,18 @@ def reject_compressed(path: str, leaf) -> None:
                            "sparsify", path)
 
 
-def asvd(stats: Mapping[str, Any], *, alpha: float = 0.5,
-         rank: int | None = None, rank_ratio: float | None = None,
-         energy: float | None = None, residual: bool = False,
-         rules: Sequence[RuleLike] | None = None,
-         default: Predicate | None = None) -> transform_lib.Transform:
+@rules_lib.options
+class AsvdOptions(LowRankOptions):
+  """ASVD (see module doc); give exactly one of rank, rank_ratio, energy."""
+
+  transform: ClassVar[str] = "asvd"
+  alpha: float = option(0.5, "s_j = mean|x_j| ** alpha",
+                        **rules_lib.interval(0))
+
+
+@transform_lib.builder(AsvdOptions)
+def asvd(stats: Mapping[str, Any], *, options, rules,
+         default) -> transform_lib.Transform:
   """ASVD transform (see module doc) given `compressjax.calibrate.capture`
   stats ({path: LayerStats}, using `mean_abs`); give one of rank,
   rank_ratio, energy. With residual=True, chain a quantize to get low-rank
@@ -143,7 +153,5 @@ def asvd(stats: Mapping[str, Any], *, alpha: float = 0.5,
     check_features(path, w.shape, np.shape(layer_stats(stats, path).abs_sum),
                     "mean_abs")
 
-  base = dict(alpha=alpha, rank=rank, rank_ratio=rank_ratio, energy=energy,
-              residual=residual)
-  return transform_lib.leaf_transform("asvd", base, leaf, check, rules,
-                          default or default_filter)
+  return transform_lib.leaf_transform("asvd", options, leaf, check, rules,
+                                      default)

@@ -13,7 +13,7 @@ low-rank plus a quantized residual).
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, ClassVar, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +22,8 @@ import numpy as np
 from compressjax.core.errors import CompressionError
 from compressjax.core.lowrank import LowRank
 from compressjax.core.qarray import QArray
-from compressjax.core.rules import Predicate, RuleLike, default_filter
+from compressjax.core import rules as rules_lib
+from compressjax.core.rules import option
 from compressjax.core.sparse import NMSparseArray, SparseArray
 from compressjax.core import transform as transform_lib
 
@@ -69,6 +70,8 @@ def check_lowrank_config(path: str, shape, cfg: Mapping[str, Any]) -> None:
 def factorize(w, *, rank=None, rank_ratio=None, energy=None,
               residual: bool = False, path: str = "<array>") -> LowRank:
   w = jnp.asarray(w)
+  LowRankOptions(rank=rank, rank_ratio=rank_ratio, energy=energy,
+                 residual=residual)  # types and ranges
   cfg = dict(rank=rank, rank_ratio=rank_ratio, energy=energy)
   check_lowrank_config(path, w.shape, cfg)
   m, n = matrix_shape(w.shape)
@@ -97,13 +100,26 @@ def _check(path, leaf, cfg):
   check_lowrank_config(path, leaf.shape, cfg)
 
 
-def low_rank(rank: int | None = None, *, rank_ratio: float | None = None,
-             energy: float | None = None, residual: bool = False,
-             rules: Sequence[RuleLike] | None = None,
-             default: Predicate | None = default_filter) -> transform_lib.Transform:
+@rules_lib.options
+class LowRankOptions(rules_lib.Options):
+  """Truncated-SVD factorization; give exactly one of rank, rank_ratio,
+  energy."""
+
+  transform: ClassVar[str] = "low_rank"
+  rank: int | None = option(None, "kept singular values",
+                            check=lambda r: r >= 1, must="be >= 1")
+  rank_ratio: float | None = option(
+      None, "parameter ratio: r = floor(ratio * m * n / (m + n))",
+      **rules_lib.interval(0, 1, lo_open=True))
+  energy: float | None = option(
+      None, "smallest r keeping this fraction of sum s_i^2",
+      **rules_lib.interval(0, 1, lo_open=True))
+  residual: bool = option(False, "keep W - AB as a leaf to compress further")
+
+
+@transform_lib.builder(LowRankOptions, positional=("rank",))
+def low_rank(*, options, rules, default) -> transform_lib.Transform:
   """Truncated-SVD transform (see module doc); give one of rank, rank_ratio,
   energy."""
-  base = dict(rank=rank, rank_ratio=rank_ratio, energy=energy,
-              residual=residual)
-  return transform_lib.leaf_transform("low_rank", base, _lowrank_leaf, _check, rules,
-                          default)
+  return transform_lib.leaf_transform("low_rank", options, _lowrank_leaf,
+                                      _check, rules, default)

@@ -43,7 +43,7 @@ low-rank LoRA fine-tuning), which needs training.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, ClassVar, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -52,11 +52,11 @@ import numpy as np
 
 from compressjax.core import transform as transform_lib
 from compressjax.core.errors import CompressionError
-from compressjax.core.rules import Predicate, RuleLike, default_filter
+from compressjax.core import rules as rules_lib
 from compressjax.lowrank.asvd import (check_features, lowrank_leaf, layer_stats,
                                       reject_compressed)
-from compressjax.lowrank.svd import (check_lowrank_config, choose_rank,
-                                     matrix_shape)
+from compressjax.lowrank.svd import (LowRankOptions, check_lowrank_config,
+                                     choose_rank, matrix_shape)
 
 JITTER = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)  # relative to unit diag
 _HP = jax.lax.Precision.HIGHEST
@@ -107,6 +107,8 @@ def svd_llm_factorize(w, gram, *, rank=None, rank_ratio=None, energy=None,
                       residual: bool = False, path: str = "<array>"):
   """SVD-LLM of a Flax kernel w (K_in, N_out) given gram = X^T X (K_in^2)."""
   w = jnp.asarray(w)
+  SvdLlmOptions(rank=rank, rank_ratio=rank_ratio, energy=energy,
+                residual=residual)  # types and ranges
   cfg = dict(rank=rank, rank_ratio=rank_ratio, energy=energy)
   check_lowrank_config(path, w.shape, cfg)
   gram = jnp.asarray(gram)
@@ -126,11 +128,17 @@ def svd_llm_factorize(w, gram, *, rank=None, rank_ratio=None, energy=None,
   return lowrank_leaf(w, x, a, b, residual)
 
 
-def svd_llm(stats: Mapping[str, Any], *, rank: int | None = None,
-            rank_ratio: float | None = None, energy: float | None = None,
-            residual: bool = False,
-            rules: Sequence[RuleLike] | None = None,
-            default: Predicate | None = None) -> transform_lib.Transform:
+@rules_lib.options
+class SvdLlmOptions(LowRankOptions):
+  """SVD-LLM (see module doc); give exactly one of rank, rank_ratio,
+  energy."""
+
+  transform: ClassVar[str] = "svd_llm"
+
+
+@transform_lib.builder(SvdLlmOptions)
+def svd_llm(stats: Mapping[str, Any], *, options, rules,
+            default) -> transform_lib.Transform:
   """SVD-LLM transform (see module doc) given `compressjax.calibrate.capture`
   stats ({path: LayerStats}, using `gram`); give one of rank, rank_ratio,
   energy. `chain(svd_llm(stats, ..., residual=True), quantize(4, ...))`
@@ -147,7 +155,5 @@ def svd_llm(stats: Mapping[str, Any], *, rank: int | None = None,
     check_features(path, w.shape, np.shape(layer_stats(stats, path).gram)[:1],
                     "gram")
 
-  base = dict(rank=rank, rank_ratio=rank_ratio, energy=energy,
-              residual=residual)
-  return transform_lib.leaf_transform("svd_llm", base, leaf, check, rules,
-                          default or default_filter)
+  return transform_lib.leaf_transform("svd_llm", options, leaf, check, rules,
+                                      default)

@@ -76,9 +76,10 @@ class Family:
     tensors: zoo config -> every HF tensor, in state-dict order.
     ignored: regexes (fullmatch) of HF tensor names that are buffers, not
       params (e.g. rotary `inv_freq`, GPT-2's `attn.bias` causal mask).
-    optional_prefix: a prefix of the `tensors` names that checkpoints may
-      omit (GPT2Model saves 'h.0...' where GPT2LMHeadModel saves
-      'transformer.h.0...'); `canonical` adds it back.
+    optional_prefix: a prefix that checkpoints may add to or omit from the
+      `tensors` names of the base model (GPT2Model saves 'h.0...' where
+      GPT2LMHeadModel saves 'transformer.h.0...'); `canonical` maps either
+      spelling to the table's.
   """
 
   name: str
@@ -94,11 +95,25 @@ class Family:
   def is_ignored(self, hf_name: str) -> bool:
     return any(re.fullmatch(p, hf_name) for p in self.ignored)
 
-  def canonical(self, names) -> dict[str, str]:
-    """Checkpoint name -> the name `tensors` uses (prefix added where the
-    checkpoint omits it and the prefixed name is a known tensor)."""
-    p = self.optional_prefix
-    return {n: p + n if p and not n.startswith(p) else n for n in names}
+  def canonical(self, names, known=()) -> dict[str, str]:
+    """Checkpoint name -> the name `tensors` uses: the optional prefix added
+    where the checkpoint omits it, or dropped where the checkpoint has it
+    and the table does not. A name changes only when that makes it a known
+    tensor (`known`, the table's names) or an ignored buffer, so head
+    tensors outside the prefix ('lm_head.weight', 'classifier.weight' beside
+    'vit.encoder...') and unknown names stay as the checkpoint spells them."""
+    p, known = self.optional_prefix, set(known)
+    ok = lambda n: n in known or self.is_ignored(n)  # noqa: E731
+
+    def one(n):
+      if not p or ok(n):
+        return n
+      if not n.startswith(p) and ok(p + n):
+        return p + n
+      if n.startswith(p) and ok(n[len(p):]):
+        return n[len(p):]
+      return n
+    return {n: one(n) for n in names}
 
   def param_shapes(self, config) -> dict[str, tuple[int, ...]]:
     """Zoo param path -> shape, from an abstract init (no compute)."""
@@ -107,6 +122,81 @@ class Family:
     shapes = jax.eval_shape(
         lambda: module.init(jax.random.key(0), *self.example_args(config)))
     return {p: tuple(x.shape) for p, x in leaves_with_paths(shapes)}
+
+
+_MIRROR = {  # kind -> (zoo name of HF's `weight`, layout)
+    "linear": ("kernel", "linear"),     # nn.Linear
+    "conv1d": ("kernel", "same"),       # GPT-2's Conv1D, already (in, out)
+    "norm": ("scale", "same"),          # LayerNorm / RMSNorm
+    "embedding": ("embedding", "same"),
+    "conv2d": ("kernel", "conv2d"),    # nn.Conv2d
+}
+
+
+def mirror(hf_name: str, kind: str, prefix: str = "params/",
+           hf_prefix: str = "") -> TensorSpec:
+  """The spec whose zoo path mirrors the HF name: the module path with list
+  indices joined to their list ('model.layers.0.self_attn.q_proj' ->
+  'model/layers_0/self_attn/q_proj'), then `weight` renamed by `kind` (see
+  _MIRROR) and `bias` kept: 'model.layers.0.self_attn.q_proj.weight' ->
+  'params/model/layers_0/self_attn/q_proj/kernel', layout 'linear'.
+  `hf_prefix` is prepended to the HF name only (a task model's 'bert.' in
+  front of a base model the zoo keeps at the top level)."""
+  if kind not in _MIRROR:
+    raise ValueError(f"unknown kind {kind!r} for {hf_name}; use one of "
+                     f"{sorted(_MIRROR)}")
+  *mods, leaf = hf_name.split(".")
+  parts: list[str] = []
+  for m in mods:
+    if m.isdigit() and parts:
+      parts[-1] += f"_{m}"
+    else:
+      parts.append(m)
+  if leaf == "weight":
+    name, layout = _MIRROR[kind]
+  elif leaf == "bias":
+    name, layout = "bias", "same"
+  else:
+    raise ValueError(f"{hf_name}: expected a .weight or .bias tensor")
+  return TensorSpec(hf_prefix + hf_name, prefix + "/".join(parts + [name]),
+                    layout)
+
+
+def module(name: str, kind: str, bias: bool = True, hf_prefix: str = ""
+           ) -> tuple[TensorSpec, ...]:
+  """The weight (and bias) specs of HF module `name` (see `mirror`)."""
+  names = (f"{name}.weight",) + ((f"{name}.bias",) if bias else ())
+  return tuple(mirror(n, kind, hf_prefix=hf_prefix) for n in names)
+
+
+REQUIRED = object()  # config_field default: the key must be present
+
+
+def config_field(config: Mapping[str, Any], key: str, types: tuple,
+                 default: Any = REQUIRED, *, nullable: bool = False,
+                 positive: bool = False) -> Any:
+  """config.json's `key`, checked: a missing key takes `default` (or is an
+  error when REQUIRED); null is None when `nullable`; else the value must be
+  an instance of `types` (bool is not an int; an int is a float) and, with
+  `positive`, > 0. Raises CompressionError naming the key."""
+  if key not in config:
+    if default is REQUIRED:
+      raise CompressionError(f"config.json has no {key!r}; it is required "
+                             f"for model_type {config.get('model_type')!r}")
+    return default
+  v = config[key]
+  if v is None and nullable:
+    return None
+  ok = isinstance(v, types) and not (isinstance(v, bool) and bool not in types)
+  if not ok and float in types and isinstance(v, int) and not isinstance(
+      v, bool):
+    v, ok = float(v), True
+  if not ok or (positive and v <= 0):
+    names = " or ".join(t.__name__ for t in types)
+    raise CompressionError(
+        f"config.json {key!r} = {v!r} must be {'a positive ' if positive else ''}"
+        f"{names}{' or null' if nullable else ''}; fix config.json")
+  return v
 
 
 FAMILIES: dict[str, Family] = {}  # by HF model_type
@@ -134,7 +224,7 @@ def _import_families() -> None:
 
   import compressjax.models as pkg
   for m in pkgutil.iter_modules(pkg.__path__):
-    if m.name not in ("hf", "hub"):
+    if m.name not in ("hf", "hub", "tokenizer", "gptq_export"):
       importlib.import_module(f"compressjax.models.{m.name}")
 
 
@@ -160,7 +250,7 @@ def check_names(family: Family, config, names) -> None:
   specs = family.tensors(config)
   known = {s.hf for s in specs}
   need = {s.hf for s in specs if s.path is not None}
-  names = set(family.canonical(names).values())
+  names = set(family.canonical(names, known).values())
   missing = need - names
   extra = {n for n in names - known if not family.is_ignored(n)}
   if missing or extra:
@@ -189,7 +279,8 @@ def from_hf(family: Family, config, get: Callable[[str], Any],
     cast: (array, dtype) -> array; default numpy astype (then jnp.asarray).
   """
   check_names(family, config, names)
-  stored = {c: n for n, c in family.canonical(names).items()}
+  known = {s.hf for s in family.tensors(config)}
+  stored = {c: n for n, c in family.canonical(names, known).items()}
   shapes = family.param_shapes(config)
   flat = {}
   for spec in family.tensors(config):
@@ -209,24 +300,32 @@ def from_hf(family: Family, config, get: Callable[[str], Any],
   return _nest(flat)
 
 
-def to_hf(family: Family, config, variables) -> dict[str, np.ndarray]:
-  """HF state dict (name -> numpy array) of a float zoo tree; the inverse of
-  `from_hf`. Compressed leaves are refused (export them with hub's GPTQ
-  writer, or materialize the tree first)."""
-  from compressjax.core.tree import is_compressed, leaves_with_paths
+def hf_leaves(family: Family, config, variables):
+  """(TensorSpec, leaf) for every zoo param of the table, in table order;
+  the leaf may be a compressed leaf. Raises CompressionError naming a param
+  the tree lacks."""
+  from compressjax.core.tree import leaves_with_paths
   flat = dict(leaves_with_paths(variables))
-  out = {}
   for spec in family.tensors(config):
     if spec.path is None:
       continue
     if spec.path not in flat:
       raise CompressionError(f"the tree has no param {spec.path!r} (HF "
                              f"tensor {spec.hf!r})", spec.path)
-    x = flat[spec.path]
+    yield spec, flat[spec.path]
+
+
+def to_hf(family: Family, config, variables) -> dict[str, np.ndarray]:
+  """HF state dict (name -> numpy array) of a float zoo tree; the inverse of
+  `from_hf`. Compressed leaves are refused (export them with hub's GPTQ
+  writer, or materialize the tree first)."""
+  from compressjax.core.tree import is_compressed
+  out = {}
+  for spec, x in hf_leaves(family, config, variables):
     if is_compressed(x):
       raise CompressionError(
           "a compressed leaf has no HF float layout; export it with "
-          "hub.save_gptq (int4/int8 groups) or cj.materialize_tree the tree "
+          "hub.save_gptq (int2/3/4/8 groups) or cj.materialize_tree the tree "
           "first", spec.path)
     out[spec.hf] = np.ascontiguousarray(spec.to_hf(np.asarray(x)))
   return out

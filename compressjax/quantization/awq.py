@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, ClassVar, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -58,7 +58,9 @@ import numpy as np
 
 from compressjax.core import transform as transform_lib
 from compressjax.core.errors import CompressionError
-from compressjax.core.rules import Predicate, RuleLike, default_filter, resolve
+from compressjax.core import rules as rules_lib
+from compressjax.core.format import Format
+from compressjax.core.rules import option, resolve
 from compressjax.core.tree import leaves_with_paths, map_with_paths
 from compressjax.formats.integer import IntFormat
 from compressjax.quantization.rtn import (check_quant_config, quantize_array,
@@ -71,7 +73,6 @@ from compressjax.quantization.scaling import (ScaleGroup, apply_scales,
 _HI = jax.lax.Precision.HIGHEST
 EPS = 1e-6  # floor on mean|x_j|, relative to the largest channel's
 _QKEYS = ("bits", "format", "group_size", "symmetric")
-_KEYS = _QKEYS + ("n_grid", "max_shrink", "n_clip")
 
 
 def awq_scale(mean_abs, alpha) -> jax.Array:
@@ -285,33 +286,42 @@ def _check_search(n_grid, max_shrink, n_clip, path):
 
 
 def _check_cfg(path, shape, cfg):
-  extra = sorted(set(cfg) - set(_KEYS))
-  if extra:
-    raise CompressionError(f"awq: unknown config keys {extra}; use "
-                           f"{list(_KEYS)}", path)
   check_quant_config(path, shape, {k: cfg[k] for k in _QKEYS})
   _check_search(cfg["n_grid"], cfg["max_shrink"], cfg["n_clip"], path)
 
 
-def awq(stats: Mapping[str, Any], bits: int = 4, *, group_size: int | None = 128,
-        symmetric: bool = False, format: str | None = None,
-        groups: Sequence[ScaleGroup] | None = None, n_grid: int = 20,
-        max_shrink: float = 0.5, n_clip: int = 20,
-        rules: Sequence[RuleLike] | None = None,
-        default: Predicate | None = None) -> transform_lib.Transform:
+@rules_lib.options
+class AwqOptions(rules_lib.Options):
+  """AWQ (see module doc); n_grid must agree within a scale group."""
+
+  transform: ClassVar[str] = "awq"
+  bits: int = option(4, "integer bits when format is None")
+  group_size: int | None = option(
+      128, "inputs per scale (None: per output channel)",
+      check=lambda g: g >= 1, must="be >= 1 (or None)")
+  symmetric: bool = option(False, "False: integer codes with a zero point")
+  format: str | Format | None = option(None, "a format name instead of bits")
+  n_grid: int = option(20, "alpha grid points i / n_grid in [0, 1)",
+                       check=lambda n: n >= 1, must="be >= 1")
+  max_shrink: float = option(0.5, "clip search: largest range shrink",
+                             **rules_lib.interval(0, 1, hi_open=True))
+  n_clip: int = option(20, "clip search steps (0: no clip search)",
+                       check=lambda n: n >= 0, must="be >= 0")
+
+
+@transform_lib.builder(AwqOptions, positional=("bits",))
+def awq(stats: Mapping[str, Any], *,
+        groups: Sequence[ScaleGroup] | None = None, options, rules,
+        default) -> transform_lib.Transform:
   """AWQ transform (see module doc) given `compressjax.calibrate.capture`
   stats. `groups` (e.g. `models.transformer.scale_groups(config)`) say which
   kernels share an input and where its scale folds; by default every selected
   kernel is its own group with an explicit input scale. Rules override any of
-  bits, format, group_size, symmetric, n_grid, max_shrink, n_clip per param
-  (n_grid must agree within a group)."""
-  base = dict(bits=bits, format=format, group_size=group_size,
-              symmetric=symmetric, n_grid=n_grid, max_shrink=max_shrink,
-              n_clip=n_clip)
+  the options per param (n_grid must agree within a group)."""
+  base = options
 
   def init(params):
-    plan = resolve(params, base, rules, default or default_filter,
-                   transform="awq")
+    plan = resolve(params, base, rules, default, transform="awq")
     gs = plan_groups(params, groups, plan.configs, transform="awq")
     leaves = dict(leaves_with_paths(params))
     for g in gs:

@@ -25,16 +25,21 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from compressjax.core import rules as rules_lib
+from compressjax.core import transform as transform_lib
 from compressjax.core.base import CompressedLeaf
 from compressjax.core.errors import CompressionError
+from compressjax.core.format import Format
 from compressjax.core.input_transform import InputTransform
 from compressjax.core.linalg import hinv_upper
 from compressjax.core.qarray import QArray
+from compressjax.core.rules import option
 from compressjax.formats.integer import IntFormat
 from compressjax.quantization.rtn import resolve_format
 from pallas_kernels import layout
@@ -145,6 +150,9 @@ def gptq_quantize(w, hessian, *, bits: int = 4, format: str | None = None,
                   static_groups: bool = False, path: str = "<array>") -> QArray:
   """GPTQ of a Flax kernel w (K_in, N_out) given H (K_in x K_in)."""
   w = jnp.asarray(w)
+  GptqOptions(bits=bits, format=format, group_size=group_size,
+              symmetric=symmetric, block_size=block_size, damp=damp,
+              act_order=act_order, static_groups=static_groups)
   if w.ndim != 2:
     raise CompressionError("GPTQ needs a 2-D kernel (in, out)", path)
   k, n = w.shape
@@ -178,14 +186,30 @@ def gptq_quantize(w, hessian, *, bits: int = 4, format: str | None = None,
                 shape=(k, n), dtype=jnp.dtype(w.dtype).name, fmt=fmt, axis=0)
 
 
-def gptq(stats, bits: int = 4, *, format: str | None = None, group_size: int | None = None,
-         symmetric: bool = True, block_size: int = 128, damp: float = 0.01,
-         act_order: bool = False, static_groups: bool = False,
-         rules=None, default=None):
+@rules_lib.options
+class GptqOptions(rules_lib.Options):
+  """GPTQ (Algorithm 1; see module doc)."""
+
+  transform: ClassVar[str] = "gptq"
+  bits: int = option(4, "integer bits when format is None")
+  format: str | Format | None = option(
+      None, "an element format with an absmax scale (int, fp8/6/4, nf4)")
+  group_size: int | None = option(
+      None, "inputs per scale (None: per output channel)",
+      check=lambda g: g >= 1, must="be >= 1 (or None)")
+  symmetric: bool = option(True, "False: integer codes with a zero point")
+  block_size: int = option(128, "columns per lazy-update block B",
+                           check=lambda b: b >= 1, must="be >= 1")
+  damp: float = option(0.01, "lambda = damp * mean(diag H) added to H",
+                       **rules_lib.interval(0))
+  act_order: bool = option(False, "process columns by diag(H) descending")
+  static_groups: bool = option(False, "group scales from the original W")
+
+
+@transform_lib.builder(GptqOptions, positional=("bits",))
+def gptq(stats, *, options, rules, default) -> transform_lib.Transform:
   """GPTQ transform over a tree, given `compressjax.calibrate.capture` stats
   (one-shot: every layer calibrated on the float model's activations)."""
-  from compressjax.core import transform as transform_lib
-  from compressjax.core.rules import default_filter
 
   def leaf(path, w, cfg, state):
     if path not in stats:
@@ -207,9 +231,5 @@ def gptq(stats, bits: int = 4, *, format: str | None = None, group_size: int | N
           f"group_size {cfg['group_size']} does not divide in_features "
           f"{w.shape[0]}", path)
 
-  base = dict(bits=bits, format=format, group_size=group_size,
-              symmetric=symmetric,
-              block_size=block_size, damp=damp, act_order=act_order,
-              static_groups=static_groups)
-  return transform_lib.leaf_transform("gptq", base, leaf, check, rules,
-                          default or default_filter)
+  return transform_lib.leaf_transform("gptq", options, leaf, check, rules,
+                                      default)

@@ -52,17 +52,20 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
-from typing import Any, Iterable, Sequence
+from typing import Any, ClassVar, Iterable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from compressjax.core import transform as transform_lib
 from compressjax.core import hadamard
 from compressjax.core.base import CompressedLeaf
 from compressjax.core.errors import CompressionError
 from compressjax.core.input_transform import InputTransform
-from compressjax.core.rules import Predicate, RuleLike, default_filter
+from compressjax.core import rules as rules_lib
+from compressjax.core.rules import (Predicate, RulesLike, default_filter,
+                                    option)
 from compressjax.core.tree import (is_float_array, leaves_with_paths,
                                    map_with_paths)
 
@@ -119,9 +122,18 @@ def online(path: str, leaf: Any, key, block: int | None = None
                         dtype=jnp.dtype(inner.dtype).name)
 
 
-def rotate(key, *, block: int | None = None,
-           rules: Sequence[RuleLike] | None = None,
-           default: Predicate | None = None) -> transform_lib.Transform:
+@rules_lib.options
+class RotateOptions(rules_lib.Options):
+  """Online randomized Hadamard rotation (see `rotate`)."""
+
+  transform: ClassVar[str] = "rotate"
+  block: int | None = option(
+      None, "Hadamard block, a power of two dividing K (None: the largest)",
+      check=lambda b: b >= 2, must="be >= 2 (or None)")
+
+
+@transform_lib.builder(RotateOptions)
+def rotate(key, *, options, rules, default) -> transform_lib.Transform:
   """Online randomized Hadamard rotation of every selected 2-D kernel.
 
   Each kernel W (K, N) becomes InputTransform(weight=R^T W, signs, block)
@@ -139,8 +151,8 @@ def rotate(key, *, block: int | None = None,
     k = w.shape[0] if len(w.shape) else 0
     _block_for(k, cfg["block"], path)
 
-  return transform_lib.leaf_transform("rotate", dict(block=block), leaf, check, rules,
-                          default or default_filter)
+  return transform_lib.leaf_transform("rotate", options, leaf, check, rules,
+                                      default)
 
 
 # ---------------------------------------------------------------------------
@@ -319,6 +331,17 @@ def quarot(key, plan: RotationPlan, *, residual: bool = True,
   outliers included; for weight-only quantization of a model with uneven
   gamma, `rotate` (gamma stays a float norm param) can do better.
   """
+  flags = dict(residual=residual, center_layernorm=center_layernorm,
+               value_out=value_out, online_fc2=online_fc2,
+               online_out=online_out)
+  for k, v in flags.items():
+    if not isinstance(v, (bool, np.bool_)):
+      raise CompressionError(f"quarot: {k} must be a bool, got "
+                             f"{type(v).__name__} {v!r}")
+  if not isinstance(plan, RotationPlan):
+    raise CompressionError(f"quarot needs a RotationPlan (e.g. "
+                           f"transformer.rotation_plan(config)), got "
+                           f"{type(plan).__name__}")
 
   def init(params):
     return _check_plan(params, plan, residual, center_layernorm, value_out,
@@ -391,9 +414,10 @@ def quarot(key, plan: RotationPlan, *, residual: bool = True,
 # Rotation + GPTQ
 # ---------------------------------------------------------------------------
 
-def rotation_gptq(rotation: transform_lib.Transform, model: Any, batches: Iterable[Any],
-                  bits: int = 4, *, rules: Sequence[RuleLike] | None = None,
-                  default: Predicate | None = None, method=None,
+def rotation_gptq(rotation: transform_lib.Transform, model: Any,
+                  batches: Iterable[Any], bits: int = 4, *,
+                  rules: RulesLike = None,
+                  default: Predicate | None = default_filter, method=None,
                   **gptq_kw) -> transform_lib.Transform:
   """rotation (float) -> capture on the rotated tree -> GPTQ, as a Transform.
 
@@ -410,6 +434,11 @@ def rotation_gptq(rotation: transform_lib.Transform, model: Any, batches: Iterab
   from compressjax.calibrate.capture import capture
   from compressjax.quantization.gptq import gptq
 
+  if not isinstance(rotation, transform_lib.Transform):
+    raise CompressionError(f"rotation_gptq: rotation must be a Transform "
+                           f"(e.g. quarot(key, plan) or rotate(key)), got "
+                           f"{type(rotation).__name__}")
+  gptq(None, bits, rules=rules, default=default, **gptq_kw)  # checks now
   batches = list(batches)
 
   def init(params):
@@ -417,8 +446,8 @@ def rotation_gptq(rotation: transform_lib.Transform, model: Any, batches: Iterab
 
   def update(params, state):
     rotated, state = rotation.update(params, state)
-    stats = capture(model, rotated, batches, rules=rules,
-                    default=default or default_filter, method=method)
+    stats = capture(model, rotated, batches, rules=rules, default=default,
+                    method=method)
     out = gptq(stats, bits, rules=rules, default=default,
                **gptq_kw).apply(rotated)
     return out, state

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
-from typing import Any, Mapping, Sequence
+from typing import Any, ClassVar, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +28,9 @@ from compressjax.core.tree import INPUT_AXIS
 from compressjax.core.input_transform import InputTransform
 from compressjax.core.lowrank import LowRank
 from compressjax.core.qarray import QArray, apply_groups
-from compressjax.core.rules import Predicate, RuleLike, default_filter
+from compressjax.core import rules as rules_lib
+from compressjax.core.format import Format
+from compressjax.core.rules import option
 from compressjax.core.sparse import NMSparseArray, SparseArray
 from compressjax import formats
 from compressjax.formats.integer import IntFormat
@@ -197,6 +199,13 @@ def _quantize_leaf(path, leaf, cfg, state=None):
   return quantize_array(leaf, path=path, **cfg)
 
 
+def _is_float_dtype(d) -> bool:
+  try:
+    return jnp.issubdtype(jnp.dtype(d), jnp.floating)
+  except TypeError:
+    return False
+
+
 def _check(path, leaf, cfg):
   if isinstance(leaf, (SparseArray, NMSparseArray, LowRank, QArray,
                        CodebookArray, InputTransform)):
@@ -204,17 +213,30 @@ def _check(path, leaf, cfg):
   check_quant_config(path, leaf.shape, cfg)
 
 
-def quantize(bits: int = 8, *, format: str | None = None,
-             group_size: int | None = None, symmetric: bool = True,
-             per_tensor: bool = False, axis: int | None = None,
-             scale_dtype: Any = jnp.float32, key=None,
-             double_quant: bool = False,
-             rules: Sequence[RuleLike] | None = None,
-             default: Predicate | None = default_filter) -> transform_lib.Transform:
+@rules_lib.options
+class QuantizeOptions(rules_lib.Options):
+  """Round-to-nearest quantization (`quantize_array`)."""
+
+  transform: ClassVar[str] = "quantize"
+  bits: int = option(8, "integer bits when format is None")
+  format: str | Format | None = option(
+      None, "a format name from compressjax.formats.NAMES (int3, ternary, "
+      "nf4, fp8_e4m3, mxfp4, nvfp4, ...) instead of bits")
+  group_size: int | None = option(
+      None, "elements per scale along `axis` (None: per output channel)",
+      check=lambda g: g >= 1, must="be >= 1 (or None)")
+  symmetric: bool = option(True, "False: integer codes with a zero point")
+  per_tensor: bool = option(False, "one scale for the whole tensor")
+  axis: int | None = option(None, "contraction axis (None: the input axis)")
+  scale_dtype: Any = option(jnp.float32, "dtype the scales are stored in",
+                            check=_is_float_dtype, must="be a float dtype")
+  key: Any = option(None, "PRNG key for stochastic rounding (None: nearest)")
+  double_quant: bool = option(False, "store the scales as 8-bit integers")
+
+
+@transform_lib.builder(QuantizeOptions, positional=("bits",))
+def quantize(*, options, rules, default) -> transform_lib.Transform:
   """Quantization transform (see `quantize_array`). Per-path overrides via
   rules, e.g. `rules=[(r".*(embed|head).*", dict(bits=8, format=None))]`."""
-  base = dict(bits=bits, format=format, group_size=group_size,
-              symmetric=symmetric, per_tensor=per_tensor, axis=axis,
-              scale_dtype=scale_dtype, key=key, double_quant=double_quant)
-  return transform_lib.leaf_transform("quantize", base, _quantize_leaf, _check, rules,
-                          default)
+  return transform_lib.leaf_transform("quantize", options, _quantize_leaf,
+                                      _check, rules, default)

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, ClassVar, Literal, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -40,14 +40,13 @@ import jax.numpy as jnp
 from compressjax.core import transform as transform_lib
 from compressjax.core.errors import CompressionError
 from compressjax.core.input_transform import ACT_FORMATS
-from compressjax.core.rules import Predicate, RuleLike, default_filter, resolve
+from compressjax.core import rules as rules_lib
+from compressjax.core.rules import option, resolve
 from compressjax.core.tree import leaves_with_paths, map_with_paths
 from compressjax.quantization.rtn import check_quant_config, quantize_array
 from compressjax.quantization.scaling import (ScaleGroup, apply_scales,
                                           check_stats, consumer_weight,
                                           plan_groups, with_weight)
-
-_KEYS = ("alpha", "act", "weight_bits")
 
 
 def weight_max(weights) -> jax.Array:
@@ -83,10 +82,6 @@ def _check_alpha(path, alpha):
 
 
 def _check_cfg(path, shape, cfg):
-  extra = sorted(set(cfg) - set(_KEYS))
-  if extra:
-    raise CompressionError(f"smoothquant: unknown config keys {extra}; use "
-                           f"{list(_KEYS)}", path)
   _check_alpha(path, cfg["alpha"])
   if cfg["act"] not in ACT_FORMATS:
     raise CompressionError(f"act {cfg['act']!r} is not one of {ACT_FORMATS}",
@@ -94,20 +89,31 @@ def _check_cfg(path, shape, cfg):
   check_quant_config(path, shape, dict(bits=cfg["weight_bits"]))
 
 
-def smoothquant(stats: Mapping[str, Any], alpha: float = 0.5, *,
-                groups: Sequence[ScaleGroup] | None = None,
-                act: str | None = "int8", weight_bits: int = 8,
-                rules: Sequence[RuleLike] | None = None,
-                default: Predicate | None = None) -> transform_lib.Transform:
+@rules_lib.options
+class SmoothQuantOptions(rules_lib.Options):
+  """SmoothQuant W8A8 (see module doc); alpha must agree within a scale
+  group."""
+
+  transform: ClassVar[str] = "smoothquant"
+  alpha: float = option(0.5, "migration strength of eq. 4",
+                        **rules_lib.interval(0, 1))
+  act: Literal[ACT_FORMATS] = option(
+      "int8", "run-time activation format (None: weight-only smoothing)")
+  weight_bits: int = option(8, "weight bits (symmetric, per channel)")
+
+
+@transform_lib.builder(SmoothQuantOptions, positional=("alpha",))
+def smoothquant(stats: Mapping[str, Any], *,
+                groups: Sequence[ScaleGroup] | None = None, options, rules,
+                default) -> transform_lib.Transform:
   """SmoothQuant W8A8 transform (see module doc) given
   `compressjax.calibrate.capture` stats (uses `abs_max`). `groups` as in
   `awq`; rules override alpha, act, weight_bits per param (alpha must agree
   within a group)."""
-  base = dict(alpha=alpha, act=act, weight_bits=weight_bits)
+  base = options
 
   def init(params):
-    plan = resolve(params, base, rules, default or default_filter,
-                   transform="smoothquant")
+    plan = resolve(params, base, rules, default, transform="smoothquant")
     gs = plan_groups(params, groups, plan.configs, transform="smoothquant")
     leaves = dict(leaves_with_paths(params))
     for g in gs:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, ClassVar, Literal, Mapping
 
 import jax.numpy as jnp
 import numpy as np
@@ -24,7 +24,8 @@ from compressjax.core.tree import INPUT_AXIS
 from compressjax.core.codebook import CodebookArray
 from compressjax.core.lowrank import LowRank
 from compressjax.core.qarray import QArray
-from compressjax.core.rules import Predicate, RuleLike, default_filter
+from compressjax.core import rules as rules_lib
+from compressjax.core.rules import option
 from compressjax.core.sparse import (NMSparseArray, SparseArray,
                                      dense_to_blocks, index_bits)
 from compressjax.core.tree import leaves_with_paths
@@ -199,20 +200,38 @@ def _check(path, leaf, cfg):
   check_sparse_config(path, leaf.shape, cfg)
 
 
-def sparsify(sparsity: float = 0.5, *, pattern: str = "unstructured",
-             n: int | None = None, m: int | None = None,
-             axis: int | None = None, block: Sequence[int] | None = None,
-             channel_axis: int | None = None, scope: str = "layer",
-             rules: Sequence[RuleLike] | None = None,
-             default: Predicate | None = default_filter) -> transform_lib.Transform:
+@rules_lib.options
+class SparsifyOptions(rules_lib.Options):
+  """Magnitude sparsification (see module doc)."""
+
+  transform: ClassVar[str] = "sparsify"
+  sparsity: float = option(0.5, "fraction of weights (or blocks) removed",
+                           **rules_lib.interval(0, 1, hi_open=True))
+  pattern: Literal[PATTERNS] = option(
+      "unstructured", "what is removed: single weights, N of every M, "
+      "blocks of `block`, or whole slices of `channel_axis`")
+  n: int | None = option(None, "N:M: weights kept per run", check=lambda v:
+                         v >= 1, must="be >= 1")
+  m: int | None = option(None, "N:M: run length along `axis`",
+                         check=lambda v: 2 <= v <= 256, must="be in [2, 256]")
+  axis: int | None = option(None, "N:M axis (None: the input axis)")
+  block: tuple[int, ...] | None = option(
+      None, "pattern='block': block shape, one size per dimension",
+      check=lambda b: all(x >= 1 for x in b), must="hold sizes >= 1")
+  channel_axis: int | None = option(
+      None, "pattern='channel': the axis whose slices go (None: input axis)")
+  scope: Literal["layer", "global"] = option(
+      "layer", "unstructured: one threshold per layer or across all")
+
+
+@transform_lib.builder(SparsifyOptions, positional=("sparsity",))
+def sparsify(*, options, rules, default) -> transform_lib.Transform:
   """Magnitude sparsification transform (see module doc).
 
   pattern='unstructured' (scope 'layer' or 'global'), 'nm' (n of every m along
   `axis`, default the input axis), 'block' (`block` shape) or 'channel'
   (whole slices of `channel_axis`, default the input axis).
   """
-  base = dict(sparsity=sparsity, pattern=pattern, n=n, m=m, axis=axis,
-              block=None if block is None else tuple(block),
-              channel_axis=channel_axis, scope=scope)
-  return transform_lib.leaf_transform("sparsify", base, _sparsify_leaf, _check, rules,
-                          default, precompute=_global_threshold)
+  return transform_lib.leaf_transform("sparsify", options, _sparsify_leaf,
+                                      _check, rules, default,
+                                      precompute=_global_threshold)

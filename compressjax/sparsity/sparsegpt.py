@@ -35,14 +35,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
 
+from compressjax.core import rules as rules_lib
+from compressjax.core import transform as transform_lib
 from compressjax.core.base import CompressedLeaf
+from compressjax.core.format import Format
 from compressjax.core.errors import CompressionError
 from compressjax.core.linalg import hinv_upper as _hinv_upper
 from compressjax.core.qarray import QArray
+from compressjax.core.rules import option
 from compressjax.core.sparse import NMSparseArray, index_bits
 from compressjax.quantization.gptq import _scale_zero
 from compressjax.quantization.rtn import resolve_format
@@ -324,9 +329,10 @@ def sparsegpt_prune(w, hessian, *, sparsity: float = 0.5,
   QArray holding the jointly quantized weights (see module doc).
   """
   w = jnp.asarray(w)
-  cfg = dict(sparsity=sparsity, pattern=pattern, n=n, m=m,
-             block_size=block_size, bits=bits, format=format,
-             group_size=group_size, symmetric=symmetric)
+  cfg = SparseGptOptions(sparsity=sparsity, pattern=pattern, n=n, m=m,
+                         block_size=block_size, damp=damp, bits=bits,
+                         format=format, group_size=group_size,
+                         symmetric=symmetric)
   fmt, span = _resolve(path, w.shape, cfg)
   k = w.shape[0]
   if tuple(hessian.shape) != (k, k):
@@ -358,15 +364,39 @@ def sparsegpt_prune(w, hessian, *, sparsity: float = 0.5,
   return dataclasses.replace(leaf, values=vals)
 
 
-def sparsegpt(stats, sparsity: float = 0.5, *, pattern: str = "unstructured",
-              n: int = 2, m: int = 4, block_size: int = 128,
-              damp: float = 0.01, bits: int | None = None,
-              format: str | None = None, group_size: int | None = None,
-              symmetric: bool = True, rules=None, default=None):
+@rules_lib.options
+class SparseGptOptions(rules_lib.Options):
+  """SparseGPT (Algorithm 1; see module doc); bits or format adds joint
+  quantization."""
+
+  transform: ClassVar[str] = "sparsegpt"
+  sparsity: float = option(0.5, "fraction of weights removed",
+                           **rules_lib.interval(0, 1, hi_open=True))
+  pattern: Literal["unstructured", "nm"] = option(
+      "unstructured", "unstructured (adaptive mask per block) or N:M",
+      hint="use sparsify(...) for block or channel patterns")
+  n: int = option(2, "N:M: weights kept per run", check=lambda v: v >= 1,
+                  must="be >= 1")
+  m: int = option(4, "N:M: run length along the input axis",
+                  check=lambda v: 2 <= v <= 256, must="be in [2, 256]")
+  block_size: int = option(128, "columns per mask-selection block B_s",
+                           check=lambda b: b >= 1, must="be >= 1")
+  damp: float = option(0.01, "lambda = damp * mean(diag H) added to H",
+                       **rules_lib.interval(0))
+  bits: int | None = option(None, "joint quantization: integer bits")
+  format: str | Format | None = option(
+      None, "joint quantization: an element format with an absmax scale")
+  group_size: int | None = option(
+      None, "joint quantization: kept values per scale (N:M only)",
+      check=lambda g: g >= 1, must="be >= 1 (or None)")
+  symmetric: bool = option(True, "joint quantization: False adds a zero "
+                           "point")
+
+
+@transform_lib.builder(SparseGptOptions, positional=("sparsity",))
+def sparsegpt(stats, *, options, rules, default) -> transform_lib.Transform:
   """SparseGPT transform over a tree, given `compressjax.calibrate.capture`
   stats (one-shot: every layer pruned with the float model's activations)."""
-  from compressjax.core import transform as transform_lib
-  from compressjax.core.rules import default_filter
 
   def check(path, w, cfg):
     if isinstance(w, CompressedLeaf):
@@ -381,8 +411,5 @@ def sparsegpt(stats, sparsity: float = 0.5, *, pattern: str = "unstructured",
   def leaf(path, w, cfg, state):
     return sparsegpt_prune(w, stats[path].hessian, path=path, **cfg)
 
-  base = dict(sparsity=sparsity, pattern=pattern, n=n, m=m,
-              block_size=block_size, damp=damp, bits=bits, format=format,
-              group_size=group_size, symmetric=symmetric)
-  return transform_lib.leaf_transform("sparsegpt", base, leaf, check, rules,
-                          default or default_filter)
+  return transform_lib.leaf_transform("sparsegpt", options, leaf, check,
+                                      rules, default)

@@ -15,11 +15,15 @@ magnitude pruning with another score: the masks go through the same
 from __future__ import annotations
 
 import functools
+from typing import ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
 
+from compressjax.core import rules as rules_lib
+from compressjax.core import transform as transform_lib
 from compressjax.core.base import CompressedLeaf
+from compressjax.core.rules import option
 from compressjax.core.errors import CompressionError
 from compressjax.sparsity.magnitude import (check_sparse_config,
                                             keep_mask_from_scores, nm_sparsify,
@@ -57,6 +61,7 @@ def wanda_prune(w, norm, *, sparsity: float = 0.5,
   per output) or an NMSparseArray (N of every M along the input axis).
   """
   w = jnp.asarray(w)
+  WandaOptions(sparsity=sparsity, pattern=pattern, n=n, m=m)
   _check(path, w.shape, jnp.shape(norm),
          dict(sparsity=sparsity, pattern=pattern, n=n, m=m))
   k = w.shape[0]
@@ -77,12 +82,26 @@ def _wanda(w, norm, *, nm, n, m, n_prune, kept):
                           "unstructured", kept=kept)
 
 
-def wanda(stats, sparsity: float = 0.5, *, pattern: str = "unstructured",
-          n: int = 2, m: int = 4, rules=None, default=None):
+@rules_lib.options
+class WandaOptions(rules_lib.Options):
+  """Wanda pruning (see module doc)."""
+
+  transform: ClassVar[str] = "wanda"
+  sparsity: float = option(0.5, "fraction of each output's inputs removed",
+                           **rules_lib.interval(0, 1, hi_open=True))
+  pattern: Literal["unstructured", "nm"] = option(
+      "unstructured", "per-output unstructured, or N of every M inputs",
+      hint="use sparsify(...) for block or channel patterns")
+  n: int = option(2, "N:M: weights kept per run", check=lambda v: v >= 1,
+                  must="be >= 1")
+  m: int = option(4, "N:M: run length along the input axis",
+                  check=lambda v: 2 <= v <= 256, must="be in [2, 256]")
+
+
+@transform_lib.builder(WandaOptions, positional=("sparsity",))
+def wanda(stats, *, options, rules, default) -> transform_lib.Transform:
   """Wanda transform over a tree, given `compressjax.calibrate.capture` stats
   (the input-feature norms of every selected param)."""
-  from compressjax.core import transform as transform_lib
-  from compressjax.core.rules import default_filter
 
   def check(path, w, cfg):
     if isinstance(w, CompressedLeaf):
@@ -97,6 +116,5 @@ def wanda(stats, sparsity: float = 0.5, *, pattern: str = "unstructured",
   def leaf(path, w, cfg, state):
     return wanda_prune(w, stats[path].norm, path=path, **cfg)
 
-  base = dict(sparsity=sparsity, pattern=pattern, n=n, m=m)
-  return transform_lib.leaf_transform("wanda", base, leaf, check, rules,
-                          default or default_filter)
+  return transform_lib.leaf_transform("wanda", options, leaf, check, rules,
+                                      default)

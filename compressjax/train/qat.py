@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Sequence
+from typing import Any, ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
@@ -68,7 +68,9 @@ from compressjax.core.base import (CompressedLeaf, compressed_leaf,
 from compressjax.core.errors import CompressionError
 from compressjax.core.input_transform import InputTransform
 from compressjax.core.qarray import QArray, apply_groups
-from compressjax.core.rules import Predicate, RuleLike, default_filter
+from compressjax.core import rules as rules_lib
+from compressjax.core.format import Format
+from compressjax.core.rules import option
 from compressjax.core.tree import INPUT_AXIS, leaves_with_paths, map_with_paths
 from compressjax.formats import activations
 from compressjax.formats.float import FloatFormat
@@ -483,31 +485,44 @@ def from_ptq(qtree: Any, *, weight: str = "lsq", act: str | None = None,
   return map_with_paths(one, qtree)
 
 
-def qat(bits: int = 4, *, format: str | None = None,
-        group_size: int | None = None, symmetric: bool = True,
-        per_tensor: bool = False, axis: int | None = None,
-        weight: str = "lsq", step_init: str = "lsq", act: str | None = None,
-        act_bits: int = 8, act_signed: bool = True,
-        act_alpha: float = PACT_ALPHA_INIT, init: Any = None,
-        rules: Sequence[RuleLike] | None = None,
-        default: Predicate | None = default_filter) -> transform_lib.Transform:
+@rules_lib.options
+class QatOptions(rules_lib.Options):
+  """Quantization-aware training (see module doc)."""
+
+  transform: ClassVar[str] = "qat"
+  bits: int = option(4, "integer bits when format is None")
+  format: str | Format | None = option(
+      None, "an element format (int2..int8, fp8/fp6/fp4, nf4, ternary, "
+      "binary) instead of bits")
+  group_size: int | None = option(
+      None, "inputs per step (None: per output channel)",
+      check=lambda g: g >= 1, must="be >= 1 (or None)")
+  symmetric: bool = option(True, "False: integer codes with a zero point")
+  per_tensor: bool = option(False, "one step for the whole tensor")
+  axis: int | None = option(None, "contraction axis (None: the input axis)")
+  weight: Literal[WEIGHT_MODES] = option(
+      "lsq", "lsq: learned step (eq. 3); ste: fixed PTQ step")
+  step_init: Literal[STEP_INITS] = option(
+      "lsq", "lsq: 2 mean|v| / sqrt(Q_P) (symmetric int); ptq: PTQ scale")
+  act: Literal[ACTS] = option(
+      None, "activations: int8 / fp8 per token (STE) or pact (learned clip)")
+  act_bits: int = option(8, "PACT bits", check=lambda b: 2 <= b <= 8,
+                         must="be in [2, 8]")
+  act_signed: bool = option(True, "PACT: clip to [-alpha, alpha]")
+  act_alpha: float = option(PACT_ALPHA_INIT, "PACT: initial clip alpha",
+                            **rules_lib.interval(0, lo_open=True))
+
+
+@transform_lib.builder(QatOptions, positional=("bits",))
+def qat(*, init: Any = None, options, rules,
+        default) -> transform_lib.Transform:
   """QAT transform: selected kernels become FakeQuant leaves.
 
-  Args:
-    bits, format, group_size, symmetric, per_tensor, axis: the weight format
-      and step grouping, as `transforms.quantize`.
-    weight: "lsq" (learned step, eq. 3) or "ste" (fixed PTQ step).
-    step_init: "lsq" (2 mean|v| / sqrt(Q_P), symmetric int) or "ptq".
-    act: None, "int8" / "fp8_e4m3" / "fp8_e5m2" (dynamic per token, STE) or
-      "pact" (learned clip alpha, `act_bits`, `act_signed`, init `act_alpha`).
-    init: a PTQ tree of the same params (e.g. GPTQ's); its QArrays give the
-      latent weights, formats and steps of the paths they cover.
-    rules: per-path overrides, e.g. `[(r"params/head/kernel", dict(bits=8))]`.
+  `init`: a PTQ tree of the same params (e.g. GPTQ's); its QArrays give the
+  latent weights, formats and steps of the paths they cover. Rules give
+  per-path overrides, e.g. `[(r"params/head/kernel", dict(bits=8))]`.
   """
-  base = dict(bits=bits, format=format, group_size=group_size,
-              symmetric=symmetric, per_tensor=per_tensor, axis=axis,
-              weight=weight, step_init=step_init, act=act, act_bits=act_bits,
-              act_signed=act_signed, act_alpha=act_alpha)
+  base = options
   start = {} if init is None else dict(leaves_with_paths(init))
 
   def check(path, leaf, cfg):
@@ -527,7 +542,8 @@ def qat(bits: int = 4, *, format: str | None = None,
                              "these params", path)
     return _from_qarray(path, qa, a, cfg)
 
-  return transform_lib.leaf_transform("qat", base, leaf_fn, check, rules, default)
+  return transform_lib.leaf_transform("qat", base, leaf_fn, check, rules,
+                                      default)
 
 
 def export_leaf(leaf: FakeQuant, path: str = "<array>"):

@@ -352,7 +352,8 @@ def test_errors_name_the_path(lm):
   with pytest.raises(cj.CompressionError, match="does not divide.*fc2"):
     awq(stats, 4, group_size=16,
         rules=[(r".*fc2/kernel", dict(group_size=48))]).init(v)
-  with pytest.raises(cj.CompressionError, match="n_grid.*query"):
+  with pytest.raises(cj.CompressionError,
+                     match=r"query/kernel': option n_grid=0 must be >= 1"):
     awq(stats, 4, group_size=16,
         rules=[(r".*query/kernel", dict(n_grid=0))]).init(v)
   with pytest.raises(cj.CompressionError, match="max_shrink"):

@@ -194,3 +194,63 @@ def test_every_kernel_choice_runs_the_compressed_model(kernels):
   with pytest.raises(ValueError, match="kernels must be one of"):
     with dispatch.use_kernels("triton"):
       pass
+
+
+# -- bad trees fail clearly, on entry ----------------------------------------
+def test_invalid_compressed_leaf_fails_before_running():
+  c = cj.quantize({"w": jax.random.normal(jax.random.key(0), (32, 8))}, 4,
+                  default=lambda p, x: True)
+  bad = {"w": dataclasses.replace(c["w"], codes=c["w"].codes[:8])}  # 4-bit
+  called = []
+
+  def f(t, x):
+    called.append(True)
+    return x @ t["w"]
+  with pytest.raises(cj.CompressionError,
+                     match=r"codes has shape \(8, 8\), expected \(16, 8\)"
+                     r".*compress the param again.*\[param 'w'\]"):
+    cj.run(f, bad, X)
+  assert not called
+  with pytest.raises(cj.CompressionError, match=r"\[param 'w'\]"):
+    jax.jit(lambda t, x: cj.run(f, t, x))(bad, X)  # shape checks under jit
+  assert not called
+
+
+def test_params_the_model_never_reads(caplog):
+  model = nn.Dense(8)
+  v = model.init(jax.random.key(0), X)
+  c = cj.quantize(v, 8)
+  c["params"]["head"] = {"kernel": jnp.ones((8, 2))}
+  with pytest.raises(cj.TreeMismatchError,
+                     match=r"never reads 1 param.*'params/head/kernel'.*"
+                     r"allow_unused=True"):
+    cj.run(model, c, X, allow_unused=False)  # strict
+  with caplog.at_level("WARNING", logger="absl"):
+    cj.run(model, c, X)  # default: named in a warning
+  assert "never reads 1 param(s) of the tree: ['params/head/kernel']" in \
+      caplog.text
+  caplog.clear()
+  y = cj.run(model, c, X, allow_unused=True)  # the documented opt-out
+  assert "never reads" not in caplog.text
+  np.testing.assert_allclose(
+      y, model.apply({"params": {k: cj.materialize_tree(x) for k, x in
+                                 c["params"].items() if k != "head"}}, X),
+      rtol=1e-5, atol=1e-5)
+
+
+def test_linen_tree_without_its_params_level():
+  model = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(4)])
+  v = model.init(jax.random.key(1), X)
+  with pytest.raises(cj.TreeMismatchError,
+                     match=r"\{'params': \.\.\.\}.*\['layers_0', 'layers_2'\].*"
+                     r"pass \{'params': tree\}"):
+    cj.run(model, cj.quantize(v, 8)["params"], X)
+
+
+def test_nnx_input_of_the_wrong_width_names_the_layer():
+  model = NNXNet(nnx.Rngs(0))
+  c = cj.quantize(nnx.state(model, nnx.Param), 8)
+  with pytest.raises(cj.CompressionError,
+                     match=r"dense shape \(32, 64\).*\[\(5, 16\)\].*"
+                     r"input width.*\[param 'l1/kernel'\]"):
+    cj.run(model, c, X[:, :16])

@@ -321,15 +321,22 @@ def test_rules_select_bits_per_path():
 @pytest.mark.parametrize("kw, match", [
     (dict(group_size=5), "group_size 5 does not divide"),
     (dict(format="mxfp4"), "block-scale scheme"),
-    (dict(weight="sgd"), "weight='sgd'"),
-    (dict(act="int4"), "act='int4'"),
-    (dict(act="pact", act_bits=12), "act_bits"),
     (dict(format="nf4", symmetric=False), "asymmetric"),
 ])
 def test_bad_config_names_the_path(kw, match):
   with pytest.raises(cj.CompressionError, match=match) as e:
     Q.qat(4, **kw).apply(PARAMS)
   assert "params/Dense_0/kernel" in str(e.value)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(weight="sgd"), "option weight='sgd' must be one of 'lsq', 'ste'"),
+    (dict(act="int4"), "option act='int4' must be one of None, 'int8'"),
+    (dict(act="pact", act_bits=12), r"option act_bits=12 must be in \[2, 8\]"),
+])
+def test_bad_option_fails_when_the_transform_is_built(kw, match):
+  with pytest.raises(cj.CompressionError, match=match):
+    Q.qat(4, **kw)
 
 
 def test_bad_inputs_name_the_path():

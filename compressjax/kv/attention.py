@@ -1,0 +1,113 @@
+"""The decoders' attention, with or without a KV store.
+
+Scaled dot-product attention (Vaswani et al. 2017, Eq. 1),
+softmax(q k^T * scale + mask) v, with grouped-query heads (Ainslie et al.
+2023: query head h reads kv head h // G, G = H / H_kv, as HF's repeat_kv),
+the softmax in float32 (as HF upcasts it), and the mask made from token
+positions only:
+
+  key j is visible to query i  iff  pos_j != NO_POSITION and pos_j <= pos_i
+                                    [and pos_i - pos_j < window]
+
+The window rule is HF's sliding_window_overlay (kv_idx > q_idx - window: the
+query and the window - 1 tokens before it). Padding tokens carry NO_POSITION,
+so they are never attended to; a padding query sees no key and gets a
+uniform (finite, meaningless) average.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from compressjax.core.errors import CompressionError
+from compressjax.kv.cache import NO_POSITION
+
+
+def attend(q, k, v, q_positions, k_positions, *, scale: float,
+           window: int | None = None):
+  """Masked grouped-query attention over explicit keys.
+
+  Args:
+    q: (B, T, H, D) queries; k, v: (B, S, H_kv, D), H a multiple of H_kv.
+    q_positions: (B, T) int; k_positions: (B, S) or, for per-head slots,
+      (B, H_kv, S) int; NO_POSITION marks padding / empty slots.
+    scale: multiplies q k^T.
+    window: sliding window length (keys with pos_i - pos_j < window).
+  Returns:
+    (out (B, T, H, D), probs (B, H_kv, G, T, S) float32).
+  """
+  b, t, h, d = q.shape
+  hkv = k.shape[2]
+  if h % hkv or k.shape != v.shape or k.shape[-1] != d:
+    raise CompressionError(
+        f"attention: queries {tuple(q.shape)} do not fit keys "
+        f"{tuple(k.shape)} / values {tuple(v.shape)} (heads must be a "
+        "multiple of kv heads, head dims equal)")
+  g = h // hkv
+  qg = q.reshape(b, t, hkv, g, d)
+  logits = jnp.einsum("btkgd,bskd->bkgts", qg, k) * jnp.asarray(scale,
+                                                                 q.dtype)
+  logits = logits.astype(jnp.float32)
+  kp = k_positions[:, None, None, None, :] if k_positions.ndim == 2 else \
+      k_positions[:, :, None, None, :]
+  qp = q_positions[:, None, None, :, None]
+  allowed = (kp != NO_POSITION) & (kp <= qp)
+  if window is not None:
+    allowed &= qp - kp < window
+  logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
+  return out.reshape(b, t, h, d), probs
+
+
+def attention(q, k, v, positions, *, cache: Any = None, scale: float,
+              window: int | None = None):
+  """One attention layer of a decoder: the new tokens' q, k, v (B, T, ., D)
+  and their positions (B, T) (NO_POSITION on padding).
+
+  Without a cache the new tokens attend to each other; with one (a store,
+  see kv.cache), they are appended first and attend to everything stored,
+  and the store observes the attention weights. Returns (out, cache).
+  """
+  if cache is None:
+    out, _ = attend(q, k, v, positions, positions, scale=scale, window=window)
+    return out, None
+  cache = cache.append(k, v, positions)
+  keys, values, kpos = cache.read()
+  out, probs = attend(q, keys, values, positions, kpos, scale=scale,
+                      window=window)
+  return out, cache.observe(probs, positions)
+
+
+def token_positions(shape: tuple[int, int], positions=None,
+                    attention_mask=None, cache: Any = None):
+  """Positions of new tokens from the decoders' optional arguments.
+
+  Args:
+    shape: (B, T) of input_ids.
+    positions: (B, T) int or None: by default each row counts its real
+      tokens from 0 (from the store's `next_position()` with a cache), so
+      left-padded rows start at 0 on their first real token.
+    attention_mask: (B, T) 1 for a token, 0 for padding, over the new tokens
+      only (earlier padding is remembered by the store), or None.
+    cache: a layer's store (the first layer's), or None.
+  Returns:
+    (index, tokens): `index` (B, T) >= 0 for RoPE / learned position tables
+    (padding gets 0), `tokens` (B, T) with NO_POSITION on padding (for
+    attention and the store).
+  """
+  b, t = shape
+  valid = (jnp.ones((b, t), bool) if attention_mask is None
+           else jnp.asarray(attention_mask).astype(bool))
+  if valid.shape != (b, t):
+    raise CompressionError(f"attention_mask has shape {tuple(valid.shape)}; "
+                           f"it must match input_ids {(b, t)}")
+  if positions is None:
+    start = 0 if cache is None else cache.next_position()[:, None]
+    positions = start + jnp.cumsum(valid, axis=-1, dtype=jnp.int32) - 1
+  positions = jnp.broadcast_to(jnp.asarray(positions, jnp.int32), (b, t))
+  tokens = jnp.where(valid, positions, NO_POSITION)
+  return jnp.where(valid, positions, 0), tokens

@@ -1,0 +1,123 @@
+"""Per-layer key/value stores for incremental decoding.
+
+A store holds, for one attention layer, a fixed number of slots (its
+`capacity`): keys and values (B, S, H_kv, D) and the position of the token in
+each slot (B, S) int32, `NO_POSITION` (-1) for an empty slot or a padding
+token. Attention masks by these stored positions (`kv.attention`), never by
+slot index, so a store may put tokens in any slot: in order (this dense
+store), in a ring, or in the slot of a token it evicted.
+
+The protocol a store implements (the decoders call nothing else, so new
+stores plug in without touching llama.py / gpt2.py):
+
+  empty(batch, capacity, kv_heads, head_dim, dtype) -> store   (classmethod)
+  append(k, v, positions) -> store      k, v (B, T, H_kv, D); positions (B, T)
+  read() -> (keys, values, positions)   dense (B, S, H_kv, D) x2 and (B, S)
+                                        or (B, H_kv, S) for per-head slots
+  observe(probs, q_positions) -> store  the attention weights just computed
+                                        over read()'s slots, (B, H_kv, G, T, S)
+                                        with G = query heads per kv head
+  next_position() -> (B,) int32         position of the next token per row
+
+Extension points (later work): a quantized store keeps QArray codes per
+token / channel (KIVI: keys per channel, values per token) in `append` and
+dequantizes in `read`; an eviction policy (H2O, TOVA, SnapKV, StreamingLLM)
+with a token budget smaller than the context accumulates scores in
+`observe` and, in `append`, writes new tokens into the slots of the tokens it
+evicts (their positions travel with them, so masking stays right).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from compressjax.core.base import is_concrete
+from compressjax.core.errors import CompressionError
+
+NO_POSITION = -1  # stored position of an empty slot or a padding token
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseKV:
+  """Float keys and values in arrival order: slot `length + i` takes the
+  i-th appended token. Static shapes under `jax.jit`; `length` counts slots
+  used (padding tokens included).
+
+  Appending past `capacity` raises when `length` is concrete; under
+  `jax.jit` the overflowing tokens are dropped (not written) and
+  `overflowed()` turns true, so size the capacity to prompt + new tokens.
+  """
+
+  keys: Any       # (B, S, H_kv, D)
+  values: Any     # (B, S, H_kv, D)
+  positions: Any  # (B, S) int32, NO_POSITION where empty
+  length: Any     # () int32, slots used
+
+  @classmethod
+  def empty(cls, batch: int, capacity: int, kv_heads: int, head_dim: int,
+            dtype: Any = jnp.float32) -> "DenseKV":
+    if capacity < 1:
+      raise CompressionError(f"KV cache capacity must be >= 1, got "
+                             f"{capacity}")
+    shape = (batch, capacity, kv_heads, head_dim)
+    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+               jnp.full((batch, capacity), NO_POSITION, jnp.int32),
+               jnp.zeros((), jnp.int32))
+
+  @property
+  def capacity(self) -> int:
+    return self.keys.shape[1]
+
+  def append(self, k, v, positions) -> "DenseKV":
+    b, t = positions.shape
+    if k.shape[:2] != (b, t) or v.shape[:2] != (b, t) or \
+        k.shape[2:] != self.keys.shape[2:]:
+      raise CompressionError(
+          f"append: keys {tuple(k.shape)} / values {tuple(v.shape)} do not "
+          f"match positions {(b, t)} and the store's (heads, head_dim) "
+          f"{tuple(self.keys.shape[2:])}")
+    if t > self.capacity:
+      raise CompressionError(
+          f"append: {t} tokens exceed the KV cache capacity {self.capacity}; "
+          "make the cache with a larger capacity")
+    if is_concrete(self.length) and int(self.length) + t > self.capacity:
+      raise CompressionError(
+          f"append: {int(self.length)} stored + {t} new tokens exceed the KV "
+          f"cache capacity {self.capacity}; make the cache with capacity >= "
+          "prompt + generated tokens")
+    slots = self.length + jnp.arange(t)
+    put = lambda a, x: a.at[:, slots].set(x.astype(a.dtype), mode="drop")  # noqa: E731
+    return DenseKV(put(self.keys, k), put(self.values, v),
+                   put(self.positions, positions.astype(jnp.int32)),
+                   self.length + t)
+
+  def read(self):
+    return self.keys, self.values, self.positions
+
+  def observe(self, probs, q_positions) -> "DenseKV":
+    del probs, q_positions  # the dense store keeps every token
+    return self
+
+  def next_position(self):
+    return jnp.max(self.positions, axis=-1) + 1
+
+  def overflowed(self):
+    return self.length > self.capacity
+
+
+jax.tree_util.register_dataclass(
+    DenseKV, data_fields=["keys", "values", "positions", "length"],
+    meta_fields=[])
+
+
+def init_cache(num_layers: int, batch: int, capacity: int, kv_heads: int,
+               head_dim: int, dtype: Any = jnp.float32, store: Any = DenseKV
+               ) -> tuple:
+  """One empty store per layer (a tuple: the decoders' `cache` argument).
+  `store`: the store class (anything with the protocol's `empty`)."""
+  return tuple(store.empty(batch, capacity, kv_heads, head_dim, dtype)
+               for _ in range(num_layers))
