@@ -42,6 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.zeroshot = "python_syntax"  # built-in task or a JSONL file; "": off
   c.eval.zeroshot_items = 0        # first N items (0: all)
   c.eval.zeroshot_batch = 32
+  c.eval.zeroshot_pad = 16         # requests padded to a multiple of this
   # encoders: BERT sentence embeddings of the first N lines of eval text vs
   # the float model's; ViT logits on N seeded random images vs float
   c.eval.samples = 64

@@ -158,8 +158,11 @@ def decoder_task(c, pre: hub.Pretrained, log: Log) -> dict:
                            max_windows=max_windows, progress=False)
     out = dict(value=p.ppl, nll=p.nll, eval_tokens=p.tokens)
     if zs_task is not None:
-      z = cj_eval.zeroshot(pre, tree, zs_task, batch_size=c.eval.zeroshot_batch,
-                           progress=False)
+      # with zeroshot_batch = batch_size and requests padded to seqlen - 1
+      # tokens, zero-shot and perplexity share one compiled program per tree
+      z = cj_eval.zeroshot(pre, tree, zs_task,
+                           batch_size=c.eval.zeroshot_batch,
+                           pad_multiple=c.eval.zeroshot_pad, progress=False)
       out.update(zeroshot_acc=z.acc, zeroshot_acc_norm=z.acc_norm,
                  zeroshot_stderr=z.acc_stderr)
     return out
