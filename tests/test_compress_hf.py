@@ -155,6 +155,7 @@ def test_bert_embedding_cosine(tmp_path):
   cal = res["gptq_int4_g16"]["calibration"]
   assert cal["kind"] == "texts" and cal["padding_fraction"] > 0
   assert res["gptq_int4_g16"]["gptq_export"]["layers"] >= 12
+  print({k: (r["value"], r["min_cos"]) for k, r in res.items()})
 
 
 def test_bad_inputs_are_refused(tmp_path):
