@@ -234,11 +234,21 @@ def bench_lm(a, rows):
     trees[name] = cj.quantize(params, **kw)
     fwd[name] = jax.jit(functools.partial(cj.run, model))
     args[name] = (trees[name], tokens)
+    # the same forward with every weight scanned in K blocks (the path for
+    # weights above xla_matmul.DENSE_TILE_BYTES), compiled ahead of time
+    saved = xla_matmul.DENSE_TILE_BYTES
+    xla_matmul.DENSE_TILE_BYTES = 0
+    try:
+      fwd[name + "/scan"] = jax.jit(functools.partial(cj.run, model)).lower(
+          *args[name]).compile()
+    finally:
+      xla_matmul.DENSE_TILE_BYTES = saved
+    args[name + "/scan"] = args[name]
   t = interleaved_medians(fwd, args, a.repeats)
   print(f"default LM forward, batch {a.lm_batch} x seq {seq} (cj.run vs "
         f"float jit, medians of {a.repeats} interleaved):")
   print(f"  float {t['float'] * 1e3:8.3f} ms")
-  for name in LM_FORMATS:
+  for name in [n for n in fwd if n != "float"]:
     r = t[name] / t["float"]
     rows.append(dict(kind="lm_forward", format=name, batch=a.lm_batch,
                      ms=t[name] * 1e3, float_ms=t["float"] * 1e3, ratio=r))

@@ -21,7 +21,9 @@ stored (K, N) matrix. Which implementation runs is asked of the format
   codebooks, unknown formats               materialized           materialized
 
 "Blocked XLA" (`pallas_kernels.xla_matmul`) scans K in blocks that it
-dequantizes in cache: the float weight is never written out. Scales that are
+dequantizes in cache: the float weight is never written out. A weight whose
+float form fits in 1 MiB (`DENSE_TILE_BYTES`) is dequantized as one tile
+instead, which at such sizes is cheaper than the scan's copies of x. Scales that are
 themselves compressed (MX E8M0, NVFP4 e4m3, double-quantized) are
 materialized first; they are (G, N), small. Anything else (other dimension
 numbers, the leaf as lhs, convolutions) materializes the leaf exactly.
