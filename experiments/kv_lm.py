@@ -53,6 +53,7 @@ import compressjax as cj
 from compressjax import kv
 from compressjax.data import stdlib_text
 from compressjax.models import llama, transformer
+from experiments import lm_task
 
 Config = ml_collections.ConfigDict
 Log = Callable[[str], None]
@@ -466,15 +467,14 @@ def byte_baseline(c: Config, workdir: str, log: Log):
   and cached in <workdir>/baseline/<key> by the same code (so a workdir of
   experiments.compress_lm is reused)."""
   from configs import default
-  from experiments import compress_lm
   d = default.get_config()
   d.data, d.seed = c.data, c.seed
   d.model, d.train = c.byte_lm.model, c.byte_lm.train
-  train, _, split = compress_lm.load_data(d)
-  model = compress_lm.build_model(d)
-  key = compress_lm.baseline_key(d, split.digest)
-  variables, stats, _ = compress_lm.get_baseline(d, model, train, key,
-                                                 workdir, log)
+  train, _, split = lm_task.load_data(d)
+  model = lm_task.build_model(d)
+  key = lm_task.baseline_key(d, split.digest)
+  variables, stats, _ = lm_task.get_baseline(d, model, train, key, workdir,
+                                             log)
   return model, variables, stats
 
 
@@ -527,9 +527,7 @@ def evaluate_row(row: Row, c: Config, ctx: dict, log: Log) -> dict:
 
 def prepare(c: Config, workdir: str, log: Log, rows: list[Row]) -> dict:
   """Models (trained or restored) and every evaluation input."""
-  train, val, split = stdlib_text.load(
-      max_bytes=c.data.max_bytes, max_val_bytes=c.data.max_val_bytes,
-      val_files=c.data.val_files, return_split=True)
+  train, val, split = lm_task.load_data(c)  # the byte LM's split
   ctx: dict[str, Any] = dict(split=split)
   if c.byte_lm.enabled:
     model, variables, stats = byte_baseline(c, workdir, log)
