@@ -8,8 +8,9 @@ with ||X_i||_2 the L2 norm of input feature i over all calibration tokens
 neuron's incoming weights, i.e. down a kernel column) and the lowest
 round(p * K_in) of every output are removed; N:M keeps the N highest scores in
 each run of M consecutive inputs. There is no weight update, so this is
-magnitude pruning with another score: the masks go through the same
-`keep_mask_from_scores` / `nm_sparsify` / `sparse_from_mask` machinery.
+magnitude pruning with another score: the masks come from the shared selector
+(`sparsity.select`: one radix select per output, no sort) and the leaves from
+`sparse_from_mask` / `nm_sparsify`.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ from compressjax.core import transform as transform_lib
 from compressjax.core.base import CompressedLeaf
 from compressjax.core.rules import option
 from compressjax.core.errors import CompressionError
-from compressjax.sparsity.magnitude import (check_sparse_config,
-                                            keep_mask_from_scores, nm_sparsify,
+from compressjax.sparsity.magnitude import (check_sparse_config, nm_sparsify,
                                             sparse_from_mask)
+from compressjax.sparsity.select import prune_lowest
 
 
 def wanda_scores(w, norm):
@@ -76,8 +77,8 @@ def _wanda(w, norm, *, nm, n, m, n_prune, kept):
   scores = wanda_scores(w, norm)
   if nm:
     return nm_sparsify(w, n, m, 0, scores=scores)
-  keep = keep_mask_from_scores(scores.reshape(w.shape[0], -1), n_prune,
-                               axis=0)  # per output: compare across inputs
+  keep = prune_lowest(scores.reshape(w.shape[0], -1), n_prune,
+                      axis=0)  # per output: compare across inputs
   return sparse_from_mask(w, keep.reshape(w.shape), (1,) * w.ndim,
                           "unstructured", kept=kept)
 
