@@ -48,7 +48,6 @@ from compressjax.core.errors import CompressionError
 from compressjax.core.linalg import ObsRule, obs_prepare, obs_sweep
 from compressjax.core.qarray import QArray
 from compressjax.core.rules import option
-from compressjax.core.sparse import NMSparseArray, index_bits
 from compressjax.quantization.gptq import GroupRounding, slab_size
 from compressjax.quantization.rtn import resolve_format
 from compressjax.sparsity.magnitude import (check_sparse_config, nm_from_keep,
