@@ -75,3 +75,67 @@ def test_overflow_inside_the_model_is_caught_at_its_layer():
 def test_bad_batches_are_clear_errors(batches, match):
   with pytest.raises(cj.CompressionError, match=match):
     capture(mlp, P, batches)
+
+
+# -- token weights (attention masks) ------------------------------------------
+
+
+def _rows_ref(x, w):
+  """float64 statistics of the rows of x (N, K) with weight w > 0."""
+  x = np.asarray(x, np.float64)[np.asarray(w) > 0]
+  return dict(gram=x.T @ x, abs_sum=np.abs(x).sum(0), sq_sum=(x * x).sum(0),
+              abs_max=np.abs(x).max(0), count=len(x))
+
+
+def test_mask_gives_exactly_the_unpadded_statistics():
+  from compressjax.calibrate import Batch
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal((3, 6, 8)).astype(np.float32)
+  lens = [6, 2, 4]
+  mask = (np.arange(6)[None] < np.array(lens)[:, None]).astype(np.int32)
+  x[mask == 0] = 1e3  # padding that would dominate every statistic
+  fn = lambda t, x: x @ t["l0"]["kernel"]  # noqa: E731
+  st = capture(fn, {"l0": P["l0"]}, [Batch((x,), {}, mask)])["l0/kernel"]
+  ref = _rows_ref(x.reshape(-1, 8), mask.reshape(-1))
+  for k in ("gram", "abs_sum", "sq_sum", "abs_max"):
+    np.testing.assert_allclose(getattr(st, k), ref[k], rtol=1e-6, atol=1e-6)
+  assert float(st.count) == ref["count"] == 12
+
+
+def test_token_batches_of_a_decoder_equal_each_text_alone():
+  """TokenBatch masks reach a zoo decoder as attention_mask= and weight the
+  statistics: padded batches give the statistics of the texts run alone."""
+  import jax
+  from compressjax.data import text
+  from compressjax.models import llama
+  cfg = llama.LlamaConfig(vocab_size=256, hidden_size=16,
+                          intermediate_size=32, num_hidden_layers=1,
+                          num_attention_heads=2)
+  model = llama.LlamaForCausalLM(cfg)
+  v = model.init(jax.random.key(0), np.zeros((1, 4), np.int32))
+  texts = ["a = 1", "def f(x):", "import os, sys"]
+  calib = text.text_batches(texts, text.ByteTokenizer(), batch_size=3,
+                            max_length=16, pad_multiple=16, name="snippets")
+  st = capture(model, v, calib)
+  alone = [capture(model, v, [np.asarray([list(t.encode())], np.int32)])
+           for t in texts]
+  for path, s in st.items():
+    for k in ("gram", "abs_sum", "sq_sum", "abs_max", "count"):
+      want = sum(getattr(a[path], k) for a in alone) if k != "abs_max" else \
+          np.max([a[path].abs_max for a in alone], 0)
+      np.testing.assert_allclose(getattr(s, k), want, rtol=2e-5, atol=2e-5,
+                                 err_msg=f"{path} {k}")
+  d = st.description
+  assert d["source"] == "snippets" and d["tokens"] == sum(map(len, texts))
+  assert d["padded_tokens"] == 48 - d["tokens"]
+  assert d["padding_in_statistics"] is False
+
+
+def test_misaligned_weights_are_refused():
+  from compressjax.calibrate import Batch
+  x = np.ones((2, 5, 8), np.float32)
+  with pytest.raises(cj.CompressionError, match=r"token weights .* of shape "
+                     r"\(3, 5\) do not align"):
+    capture(mlp, P, [Batch((x,), {}, np.ones((3, 5)))])
+  with pytest.raises(cj.CompressionError, match="must be >= 0"):
+    capture(mlp, P, [Batch((x,), {}, -np.ones((2, 5)))])
