@@ -107,37 +107,46 @@ def stages_of(order: Sequence[str],
   return list(out.items())
 
 
+def _key(node: Any, part: str, prefix: str) -> Any:
+  """The key of `node` whose path string is `part` (NNX lists have int
+  keys: 'blocks/0' is node['blocks'][0])."""
+  if isinstance(node, Mapping):
+    for k in node:
+      if str(k) == part:
+        return k
+  raise CompressionError(
+      f"stage prefix {prefix!r} is not a sub-tree of nested mappings "
+      f"(sequential calibration needs dict-like params: linen variables, an "
+      f"nnx.State or its to_pure_dict())")
+
+
 def _subtree(tree: Any, prefix: str) -> Any:
   node = tree
+  keys = []
   for part in prefix.split("/"):
-    if not isinstance(node, Mapping) or part not in node:
-      raise CompressionError(
-          f"stage prefix {prefix!r} is not a sub-tree of nested dicts "
-          f"(sequential calibration needs dict params, e.g. linen variables "
-          f"or nnx.State.to_pure_dict())")
-    node = node[part]
-  return _nest(prefix, node)
-
-
-def _nest(prefix: str, node: Any) -> Any:
-  for part in reversed(prefix.split("/")):
-    node = {part: node}
+    k = _key(node, part, prefix)
+    keys.append(k)
+    node = node[k]
+  for k in reversed(keys):
+    node = {k: node}
   return node
 
 
 def _graft(tree: Any, prefix: str, sub: Any) -> Any:
   """Copy of `tree` with the node at `prefix` replaced by sub's node there."""
-  for part in prefix.split("/"):
-    sub = sub[part]
+  parts = prefix.split("/")
+  for part in parts:
+    sub = sub[_key(sub, part, prefix)]
 
   def put(node, parts):
     if not parts:
       return sub
+    k = _key(node, parts[0], prefix)
     new = dict(node)
-    new[parts[0]] = put(node[parts[0]], parts[1:])
-    return type(node)(new) if not isinstance(node, dict) else new
+    new[k] = put(node[k], parts[1:])
+    return new if type(node) is dict else type(node)(new)
 
-  return put(tree, prefix.split("/"))
+  return put(tree, parts)
 
 
 def _batches(model, batches, method, attention_mask) -> tuple[list, dict]:

@@ -194,9 +194,10 @@ def obs_sweep(w, u, rule: ObsRule, *, block: int, slab: int):
               jax.tree.map(lambda a: jnp.zeros((slab,) + a.shape[1:],
                                                a.dtype), outs), state)
       if run == 1:
-        _, es, os, state = jax.lax.fori_loop(0, slab, column, init)
+        _, es, os, state = jax.lax.fori_loop(0, slab, column, init, unroll=True)
       else:
-        _, es, os, state = jax.lax.fori_loop(0, slab // run, one_run, init)
+        _, es, os, state = jax.lax.fori_loop(0, slab // run, one_run, init,
+                                              unroll=True)
       # the block's later columns get this slab's errors in one matmul
       ur = _rows(u1, s0, slab) * (bidx >= s0 + slab)[None, :]
       w1 = w1 - jnp.matmul(ur.T, es, precision=_HI)
