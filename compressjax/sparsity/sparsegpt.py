@@ -48,6 +48,7 @@ from compressjax.core.errors import CompressionError
 from compressjax.core.linalg import ObsRule, obs_prepare, obs_sweep
 from compressjax.core.qarray import QArray
 from compressjax.core.rules import option
+from compressjax.core.sparse import NMSparseArray
 from compressjax.quantization.gptq import GroupRounding, slab_size
 from compressjax.quantization.rtn import resolve_format
 from compressjax.sparsity.magnitude import (check_sparse_config, nm_from_keep,
@@ -257,6 +258,21 @@ def sparsegpt_prune(w, hessian, *, sparsity: float = 0.5,
   return dataclasses.replace(leaf, values=vals)
 
 
+@functools.partial(jax.jit, static_argnames=("view", "dtype"))
+def _relayout(leaf, view, dtype):
+  """A sparse leaf of the 2-D view (K, N) as the same leaf of the kernel
+  (values in the kernel's order; N:M runs along the last contracted axis,
+  which continues the view's K axis)."""
+  keep = dataclasses.replace(leaf, values=jnp.ones_like(
+      leaf.values)).materialize() != 0
+  dense = view.from_matrix(leaf.materialize().astype(dtype))
+  keep = view.from_matrix(keep)
+  if isinstance(leaf, NMSparseArray):
+    return nm_from_keep(dense, keep, leaf.n, leaf.m, view.contract[-1])
+  return sparse_from_mask(dense, keep, (1,) * dense.ndim, "unstructured",
+                          kept=leaf.values.size)
+
+
 @rules_lib.options
 class SparseGptOptions(rules_lib.Options):
   """SparseGPT (Algorithm 1; see module doc); bits or format adds joint
@@ -296,13 +312,34 @@ def sparsegpt(stats, *, options, rules, default) -> transform_lib.Transform:
       raise CompressionError(
           f"SparseGPT needs a float kernel, not a {type(w).__name__}; apply "
           "it first (chain(sparsegpt(...), quantize(...)))", path)
-    _resolve(path, w.shape, cfg)
     if path not in stats:
       raise CompressionError("no calibration statistics for this param; "
                              "capture with the same rules", path)
+    view = stats[path].view(w.shape)
+    if view.contract == (0,):
+      _resolve(path, w.shape, cfg)
+      return
+    _resolve(path, (view.k, view.n), cfg)
+    last = view.shape[view.contract[-1]]
+    if cfg.get("pattern") == "nm" and last % cfg["m"]:
+      raise CompressionError(
+          f"N:M runs go along the last contracted axis ({view.contract[-1]}, "
+          f"size {last}), which M={cfg['m']} does not divide", path)
+    if cfg.get("bits") is not None or cfg.get("format") is not None:
+      raise CompressionError(
+          f"joint quantization of a kernel contracted over axes "
+          f"{view.contract} is not supported; prune first, then quantize "
+          "(chain(sparsegpt(...), quantize(...)))", path)
 
   def leaf(path, w, cfg, state):
-    return sparsegpt_prune(w, stats[path].hessian, path=path, **cfg)
+    st = stats[path]
+    view = st.view(w.shape)
+    if view.contract == (0,):
+      return sparsegpt_prune(w, st.hessian, path=path, **cfg)
+    # any other contraction (attention out-projections, im2col convs): the
+    # algorithm on the 2-D view (contracted axes x the rest), leaf laid back
+    out = sparsegpt_prune(view.to_matrix(w), st.hessian, path=path, **cfg)
+    return _relayout(out, view, w.dtype)
 
   return transform_lib.leaf_transform("sparsegpt", options, leaf, check,
                                       rules, default)

@@ -1,6 +1,7 @@
 """Calibration capture: statistics against numpy float64, and clear errors on
 bad batches (naming the batch, and the layer for non-finite statistics)."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -139,3 +140,39 @@ def test_misaligned_weights_are_refused():
     capture(mlp, P, [Batch((x,), {}, np.ones((3, 5)))])
   with pytest.raises(cj.CompressionError, match="must be >= 0"):
     capture(mlp, P, [Batch((x,), {}, -np.ones((2, 5)))])
+
+
+Q = {"out": {"kernel": RNG.standard_normal((4, 3, 8), np.float32)},
+     "conv": {"kernel": RNG.standard_normal((3, 8, 6), np.float32)}}
+
+
+def outproj_conv(t, x):
+  """x (B, L, heads 4, head_dim 3): an attention out-projection kernel
+  (heads, head_dim, d), then a width-3 'SAME' 1-D convolution (W, I, O)."""
+  h = jnp.einsum("blhd,hde->ble", x, t["out"]["kernel"])
+  return jax.lax.conv_general_dilated(
+      h, t["conv"]["kernel"], (1,), "SAME",
+      dimension_numbers=("NWC", "WIO", "NWC"))
+
+
+def test_multi_axis_and_conv_contractions_match_numpy_im2col():
+  bs = [RNG.standard_normal((2, 5, 4, 3), np.float32) for _ in range(2)]
+  st = capture(outproj_conv, Q, bs)
+  assert st["out/kernel"].contract == (0, 1)
+  assert st["conv/kernel"].contract == (0, 1)
+  x = np.concatenate(bs).astype(np.float64)
+  x0 = x.reshape(-1, 12)  # rows: tokens; columns: (head, head_dim)
+  h = (x0 @ Q["out"]["kernel"].reshape(12, 8)).reshape(4, 5, 8)
+  hp = np.pad(h, ((0, 0), (1, 1), (0, 0)))
+  # im2col in the kernel's contracted order (width, in)
+  x1 = np.stack([hp[:, t:t + 3].reshape(4, 24) for t in range(5)],
+                1).reshape(-1, 24)
+  for path, xm in (("out/kernel", x0), ("conv/kernel", x1)):
+    s = st[path]
+    np.testing.assert_allclose(s.gram, xm.T @ xm, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(s.sq_sum, (xm * xm).sum(0), rtol=1e-5)
+    assert float(s.count) == xm.shape[0]
+    v = s.view(Q[path.split("/")[0]]["kernel"].shape)
+    w = Q[path.split("/")[0]]["kernel"]
+    np.testing.assert_array_equal(v.from_matrix(v.to_matrix(w)), w)
+    np.testing.assert_array_equal(v.to_matrix(w), w.reshape(v.k, v.n))
