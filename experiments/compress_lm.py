@@ -542,8 +542,13 @@ def calibration_batches(c: Config, train_data: np.ndarray) -> list:
 
 
 def calibration_stats(model, baseline: Any, batches: list) -> dict:
-  """Per-layer input statistics of the float model on `batches`."""
-  return capture(model, baseline, batches)
+  """Per-layer input statistics of the float model on `batches`; their
+  description (recorded with each calibrated row) names the text."""
+  from compressjax.data.text import Calibration
+  src = dict(kind="segments", source="Python stdlib source (training split)",
+             tokenizer="bytes", samples=sum(len(b) for b in batches),
+             seqlen=int(batches[0].shape[1]) if batches else 0)
+  return capture(model, baseline, Calibration(tuple(batches), src))
 
 
 def unigram_ppl(train_data: np.ndarray, val_data: np.ndarray) -> float:
@@ -695,6 +700,8 @@ def run_experiment(config: Config, workdir: str,
                metric=METRIC, value=math.exp(loss), val_loss=loss,
                eval_bytes=n_bytes, **measure(baseline, compressed),
                seconds=round(compress_s, 3), eval_seconds=round(eval_s, 3))
+    if getattr(build, "calibrated", False):  # what text, tokens, padding
+      row["calibration"] = calib.description
     rows.append(row)
     log(f"[{i}/{len(names)}] {name:16s} ppl {row['value']:8.3f}  "
         f"bits/w {row['bits_per_weight']:6.3f} (model "

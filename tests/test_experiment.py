@@ -52,6 +52,12 @@ def test_results_rows(first_run):
   assert i4["size_bytes"] < i8["size_bytes"] < f32["size_bytes"]
   assert rows["nm_2_4+int4"]["size_bytes"] < rows["nm_2_4"]["size_bytes"]
   assert i4["bits_per_weight"] < i8["bits_per_weight"] < 9
+  calibrated = [r for n, r in rows.items()
+                if getattr(compress_lm.METHODS[n], "calibrated", False)]
+  assert calibrated  # each records its calibration data
+  for r in calibrated:
+    assert "stdlib" in r["calibration"]["source"], r["method"]
+    assert r["calibration"]["tokens"] > 0
 
 
 def test_output_files(first_run):
