@@ -45,6 +45,10 @@ import subprocess
 import sys
 import time
 
+# this checkout's compressjax (and configs/experiments), not an installed one
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))))
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -77,7 +81,11 @@ def layer_bench(a) -> None:
   from compressjax.sparsity.wanda import wanda_prune
 
   size, tokens, layers = a.size, a.tokens, a.layers
-  ref = _torch_times(a.torch, size, tokens, layers) if a.torch else {}
+  if a.reference:
+    ref = json.loads(a.reference)
+  else:
+    ref = _torch_times(a.torch, size, tokens, layers) if a.torch else {}
+  print(f"reference: {json.dumps(ref)}", flush=True)
   k = jax.random.split(jax.random.key(0), 3)
   mix = jax.random.normal(k[0], (size, size)) / size ** 0.5
   x = jax.random.normal(k[1], (tokens, size)) @ mix + 0.1 * jax.random.normal(
@@ -195,8 +203,6 @@ def _lines(data: np.ndarray, n_tokens: int, seed: int) -> list[str]:
 
 
 def source_bench(a) -> None:
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
-      __file__))))
   from configs import default
   from experiments import compress_lm as H
   from compressjax.calibrate import Batch, capture
@@ -264,6 +270,8 @@ def main():
   ap.add_argument("--tokens", type=int, default=4096)
   ap.add_argument("--layers", type=int, default=4)
   ap.add_argument("--torch", default="/tmp/torchvenv/bin/python")
+  ap.add_argument("--reference", default="",
+                  help="the reference's JSON line from an earlier run")
   ap.add_argument("--compile_cache", default="")
   ap.add_argument("--model", choices=("100m", "1b"), default="100m")
   ap.add_argument("--rerun", action="store_true")

@@ -13,9 +13,11 @@ weights along the input axis (Mishra et al. 2021, NVIDIA 2:4).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, ClassVar, Literal, Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -70,6 +72,7 @@ def sparse_from_mask(w, keep_blocks, block, pattern: str,
                      block=tuple(block), pattern=pattern)
 
 
+@functools.partial(jax.jit, static_argnames=("n", "m", "axis"))
 def nm_from_keep(w, keep, n: int, m: int, axis: int) -> NMSparseArray:
   """NMSparseArray of w keeping the positions in `keep` (a mask with exactly
   n of every m along `axis`): kept values and their in-run positions, in

@@ -20,6 +20,8 @@ Scores must not be NaN.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -40,6 +42,9 @@ def _count(pred, axis):
   return jnp.sum(pred, axis=axis, dtype=jnp.int32, keepdims=True)
 
 
+# jitted (one compiled program per shape, shared by every caller): eagerly,
+# the radix loop would be traced and compiled again at each call
+@functools.partial(jax.jit, static_argnames=("axis",))
 def prune_lowest(scores, n_prune, axis: int | None = None) -> jax.Array:
   """Boolean keep mask without the n_prune lowest scores (see module doc).
 
@@ -71,6 +76,7 @@ def prune_lowest(scores, n_prune, axis: int | None = None) -> jax.Array:
   return ~(below | (tie & (rank <= need)))
 
 
+@functools.partial(jax.jit, static_argnames=("n", "m", "axis"))
 def keep_top_n_of_m(scores, n: int, m: int, axis: int = 0) -> jax.Array:
   """Keep mask of the n highest of every m consecutive scores along `axis`
   (ties: the earlier position stays); that axis must divide by m."""
