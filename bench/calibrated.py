@@ -108,7 +108,8 @@ def layer_bench(a) -> None:
         f"{jax.devices()[0].platform} ({os.cpu_count()} cpus), compile "
         f"included; reference: PyTorch, 1 thread")
   print(f"{'algorithm':16s} {'first call':>10s} {'all calls':>10s} "
-        f"{'cpu':>8s} {'reference':>9s} {'ratio':>6s}")
+        f"{'cpu':>8s} {'ref wall':>9s} {'ratio':>6s} {'ref cpu':>8s} "
+        f"{'cpu ratio':>9s}")
   for name, fn in runs.items():
     c0, t0 = time.process_time(), time.perf_counter()
     jax.block_until_ready(fn(ws[0]))
@@ -116,10 +117,11 @@ def layer_bench(a) -> None:
     for w in ws[1:]:
       jax.block_until_ready(fn(w))
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    r = ref.get(name)
+    r, rc = ref.get(name), ref.get(name + "_cpu")
+    nan = float("nan")
     print(f"{name:16s} {first:10.2f} {wall:10.2f} {cpu:8.2f} "
-          f"{r if r is not None else float('nan'):9.2f} "
-          f"{wall / r if r else float('nan'):6.2f}")
+          f"{r or nan:9.2f} {wall / r if r else nan:6.2f} "
+          f"{rc or nan:8.2f} {cpu / rc if rc else nan:9.2f}", flush=True)
 
 
 # -- pipeline: sequential at scale -------------------------------------------

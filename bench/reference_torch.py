@@ -15,7 +15,8 @@ Runs in a separate interpreter that has torch (never the project's venv):
   /tmp/torchvenv/bin/python bench/reference_torch.py --size 4096 --tokens 4096
       [--threads 1] [--layers 4]
 
-prints one JSON line {algorithm: seconds for --layers calls}. The inputs are
+prints one JSON line {algorithm: wall seconds for --layers calls,
+algorithm_cpu: process CPU seconds of the same}. The inputs are
 drawn like bench/calibrated.py's (same distribution, not the same numbers: the
 cost does not depend on them).
 """
@@ -154,10 +155,12 @@ def main():
   for name, fn in runs.items():
     if a.only and name not in a.only.split(","):
       continue
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(a.layers):
       fn()
     out[name] = round(time.perf_counter() - t0, 3)
+    # CPU seconds: the comparable figure on a machine shared with others
+    out[name + "_cpu"] = round(time.process_time() - c0, 3)
   print(json.dumps(out))
 
 
