@@ -140,3 +140,36 @@ def test_shared_weights_fall_back_to_rerunning():
                    cache_inputs=False)
   np.testing.assert_array_equal(out["params"]["layer_0"]["kernel"].codes,
                                 ref["params"]["layer_0"]["kernel"].codes)
+
+
+def test_nnx_list_of_blocks_equals_hand_built_sequence():
+  from flax import nnx
+  from compressjax.sparsity import wanda, wanda_prune
+
+  class Block(nnx.Module):
+    def __init__(self, rngs):
+      self.fc = nnx.Linear(8, 8, rngs=rngs)
+
+    def __call__(self, x):
+      return x + jnp.tanh(self.fc(x))
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.blocks = nnx.List([Block(rngs) for _ in range(3)])
+
+    def __call__(self, x):
+      for b in self.blocks:
+        x = b(x)
+      return x
+
+  net = Net(nnx.Rngs(0))
+  state = nnx.state(net, nnx.Param)
+  xs = [jax.random.normal(jax.random.key(i), (6, 8)) for i in range(2)]
+  out = sequential(net, state, xs, lambda s: wanda(s, 0.5), progress=False)
+  h = jnp.concatenate(xs)
+  for i in range(3):  # int keys of the nnx.List: stage 'blocks/i'
+    fc = state["blocks"][i]["fc"]
+    want = wanda_prune(fc["kernel"][...], jnp.sqrt(jnp.sum(h * h, 0)))
+    got = out["blocks"][i]["fc"]["kernel"].get_value()
+    np.testing.assert_array_equal(got.materialize(), want.materialize())
+    h = h + jnp.tanh(h @ want.materialize() + fc["bias"][...])
