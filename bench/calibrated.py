@@ -111,6 +111,8 @@ def layer_bench(a) -> None:
         f"{'cpu':>8s} {'ref wall':>9s} {'ratio':>6s} {'ref cpu':>8s} "
         f"{'cpu ratio':>9s}")
   for name, fn in runs.items():
+    if a.only and name not in a.only.split(","):
+      continue
     c0, t0 = time.process_time(), time.perf_counter()
     jax.block_until_ready(fn(ws[0]))
     first = time.perf_counter() - t0
@@ -275,6 +277,7 @@ def main():
   ap.add_argument("--reference", default="",
                   help="the reference's JSON line from an earlier run")
   ap.add_argument("--compile_cache", default="")
+  ap.add_argument("--only", default="", help="comma-separated algorithms")
   ap.add_argument("--model", choices=("100m", "1b"), default="100m")
   ap.add_argument("--rerun", action="store_true")
   ap.add_argument("--calib_tokens", type=int, default=2048)
