@@ -193,7 +193,8 @@ def run(c: Config, workdir: str, log=print) -> dict:
   t0 = time.time()
   if r.method == "qat":
     tree, facts = qat_recipe(c, model, baseline, train_data, workdir,
-                             name=name, log=log, bits=r.bits,
+                             name=name, log=log,
+                             bits=None if r.format else r.bits,  # one of
                              format=r.format or None,
                              group_size=r.group_size or None,
                              rules=compress_lm._head_rules(c))

@@ -47,40 +47,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from compressjax.core.contraction import MatrixLayout
 from compressjax.core.errors import CompressionError
 from compressjax.core.rules import (Predicate, RulesLike, default_filter,
                                     resolve)
 from compressjax.core.tree import leaves_with_paths
 from compressjax.runtime.interpret import apply, as_function
-
-
-class MatrixView(NamedTuple):
-  """The 2-D view of a kernel of `shape` contracted over `contract`: rows
-  are the contracted axes flattened row-major (in `contract`'s order),
-  columns the other axes (in increasing order)."""
-
-  shape: tuple
-  contract: tuple
-
-  @property
-  def rest(self) -> tuple:
-    return tuple(d for d in range(len(self.shape)) if d not in self.contract)
-
-  @property
-  def k(self) -> int:
-    return int(np.prod([self.shape[d] for d in self.contract]))
-
-  @property
-  def n(self) -> int:
-    return int(np.prod([self.shape[d] for d in self.rest]))
-
-  def to_matrix(self, x):
-    return jnp.transpose(x, self.contract + self.rest).reshape(self.k, self.n)
-
-  def from_matrix(self, m):
-    perm = self.contract + self.rest
-    x = m.reshape(tuple(self.shape[d] for d in perm))
-    return jnp.transpose(x, np.argsort(perm))
 
 
 @struct.dataclass
@@ -99,9 +71,9 @@ class LayerStats:
                       jnp.maximum(self.abs_max, o.abs_max),
                       self.count + o.count, self.contract)
 
-  def view(self, shape) -> MatrixView:
+  def view(self, shape) -> MatrixLayout:
     """The 2-D view (K, N) of a kernel of `shape` these statistics are of."""
-    return MatrixView(tuple(shape), self.contract)
+    return MatrixLayout(tuple(shape), tuple(self.contract))
 
   @property
   def hessian(self):

@@ -27,7 +27,7 @@ from compressjax.core import transform as transform_lib
 from compressjax.core.base import CompressedLeaf
 from compressjax.core.rules import option
 from compressjax.core.errors import CompressionError
-from compressjax.calibrate.capture import MatrixView
+from compressjax.core.contraction import MatrixLayout
 from compressjax.sparsity.magnitude import (check_sparse_config, nm_from_keep,
                                             sparse_from_mask)
 from compressjax.sparsity.select import keep_top_n_of_m, prune_lowest
@@ -69,7 +69,7 @@ def wanda_prune(w, norm, *, sparsity: float = 0.5,
   """
   w = jnp.asarray(w)
   WandaOptions(sparsity=sparsity, pattern=pattern, n=n, m=m)
-  view = MatrixView(tuple(w.shape), tuple(contract))
+  view = MatrixLayout(tuple(w.shape), tuple(contract))
   _check(path, view, jnp.shape(norm),
          dict(sparsity=sparsity, pattern=pattern, n=n, m=m))
   n_prune = round(sparsity * view.k)
