@@ -1,6 +1,5 @@
 """Calibrated-algorithm benchmarks: speed against the authors' algorithms in
-PyTorch, the sequential pipeline at scale, and sensitivity to the
-calibration source.
+PyTorch, and the sequential pipeline at scale.
 
 --part layer (default): GPTQ int4 g128, SparseGPT 50% and 2:4, Wanda 50% and
   2:4 on `--layers` same-shaped layers (default 4 of 4096 x 4096, 4096
@@ -20,19 +19,9 @@ calibration source.
   inputs), total wall, peak RSS. `--rerun` reruns the whole model per stage
   instead of caching stage inputs (the old cost, growing with depth).
 
---part source: on the default byte LM (configs/default.py, trained by
-  experiments/compress_lm.py and cached in `--workdir`, reused when
-  present), validation perplexity of GPTQ, AWQ, SparseGPT, Wanda and SVD-LLM
-  (the experiments' rows) calibrated on different text with the same number
-  of real tokens: stdlib training windows (GPTQ's protocol), short stdlib
-  lines (padded batches, padding masked), the same lines with the padding
-  in the statistics, out-of-domain English (Python's LICENSE.txt) and
-  uniform random bytes; beside the uncalibrated baselines.
-
   python bench/calibrated.py [--part layer] [--size 4096] [--layers 4]
       [--torch /tmp/torchvenv/bin/python] [--compile_cache DIR]
   python bench/calibrated.py --part pipeline --model 100m|1b [--rerun]
-  python bench/calibrated.py --part source [--workdir /tmp/cj_eval]
 """
 
 from __future__ import annotations
@@ -185,90 +174,9 @@ def pipeline_bench(a) -> None:
         f"{cj.bits_per_weight(out):.2f} (whole model)")
 
 
-# -- source: sensitivity to the calibration text -----------------------------
-
-SOURCE_ROWS = ("gptq_int4_g128", "awq_int4_g128", "sparsegpt_50", "wanda_50",
-               "svd_llm")
-BASELINES = ("float32", "int4_g128", "unstructured_50", "lowrank")
-
-
-def _lines(data: np.ndarray, n_tokens: int, seed: int) -> list[str]:
-  """Random non-blank lines of the byte text, until n_tokens bytes."""
-  text = bytes(data).decode("utf-8", errors="replace").replace("\x00", "\n")
-  lines = [s for s in text.split("\n") if s.strip() and len(s) <= 120]
-  rng = np.random.default_rng(seed)
-  out, total = [], 0
-  for i in rng.permutation(len(lines)):
-    if total + len(lines[i]) > n_tokens:
-      break
-    out.append(lines[i])
-    total += len(lines[i])
-  return out
-
-
-def source_bench(a) -> None:
-  from configs import default
-  from experiments import compress_lm as H
-  from compressjax.calibrate import Batch, capture
-  from compressjax.data import text
-
-  c = default.get_config()
-  train, val, split = H.load_data(c)
-  model = H.build_model(c)
-  baseline, _, cached = H.get_baseline(c, model, train, H.baseline_key(
-      c, split.digest), a.workdir, log=print)
-  eval_step = H.make_eval_step(model)
-  seq, n_tok = c.data.seq_len, a.source_tokens
-  n_win = n_tok // seq
-  tok = text.ByteTokenizer()
-  lic = text.read_text(os.path.join(os.path.dirname(os.__file__),
-                                    "LICENSE.txt"))
-  lines = text.text_batches(_lines(train, n_tok, 0), tok, batch_size=32,
-                            max_length=seq, name="stdlib lines (train)")
-  rng = np.random.default_rng(0)
-  sources = {
-      "stdlib windows": text.random_segments(
-          train, n_win, seq, seed=1, batch_size=16),
-      "stdlib lines": lines,
-      "lines, padding in stats": [Batch((b.ids,)) for b in lines.batches],
-      "LICENSE.txt (English)": text.random_segments(
-          text.tokenize(lic, tok, name="LICENSE.txt"), n_win, seq, seed=1,
-          batch_size=16),
-      "random bytes": [rng.integers(0, 256, (16, seq)).astype(np.int32)
-                       for _ in range(n_win // 16)],
-  }
-  ppl = lambda tree: float(np.exp(H.evaluate(eval_step, tree, c, val)[0]))
-  print(f"default byte LM ({'cached' if cached else 'trained'} float "
-        f"baseline), {n_tok} calibration tokens per source; validation "
-        "perplexity")
-  base = {m: ppl(H.make_transform(m, c).apply(baseline)) for m in BASELINES}
-  print("  uncalibrated: " + ", ".join(f"{m} {v:.3f}"
-                                        for m, v in base.items()))
-  table = {}
-  for sname, src in sources.items():
-    t0 = time.time()
-    stats = capture(model, baseline, src)
-    d = stats.description
-    table[sname] = {m: ppl(H.make_transform(m, c, stats).apply(baseline))
-                    for m in SOURCE_ROWS}
-    print(f"  {sname}: tokens {d.get('tokens')}, padded "
-          f"{d.get('padded_tokens', 0)}, {time.time() - t0:.0f}s",
-          flush=True)
-  w = max(map(len, sources)) + 2
-  print(f"{'source':{w}s}" + "".join(f"{m:>16s}" for m in SOURCE_ROWS))
-  for sname, row in table.items():
-    print(f"{sname:{w}s}" + "".join(f"{row[m]:16.3f}" for m in SOURCE_ROWS))
-  ref = dict(gptq_int4_g128="int4_g128", awq_int4_g128="int4_g128",
-             sparsegpt_50="unstructured_50", wanda_50="unstructured_50",
-             svd_llm="lowrank")
-  print(f"{'(uncalibrated)':{w}s}" + "".join(f"{base[ref[m]]:16.3f}"
-                                              for m in SOURCE_ROWS))
-  print(f"float32 {base['float32']:.3f}")
-
-
 def main():
   ap = argparse.ArgumentParser()
-  ap.add_argument("--part", choices=("layer", "pipeline", "source"),
+  ap.add_argument("--part", choices=("layer", "pipeline"),
                   default="layer")
   ap.add_argument("--size", type=int, default=4096)
   ap.add_argument("--tokens", type=int, default=4096)
@@ -283,8 +191,6 @@ def main():
   ap.add_argument("--calib_tokens", type=int, default=2048)
   ap.add_argument("--seq", type=int, default=256)
   ap.add_argument("--batches", type=int, default=2)
-  ap.add_argument("--workdir", default="/tmp/cj_eval")
-  ap.add_argument("--source_tokens", type=int, default=8192)
   a = ap.parse_args()
   if a.compile_cache:
     from compressjax.calibrate import enable_compilation_cache
@@ -292,8 +198,7 @@ def main():
   if a.torch and not os.path.exists(a.torch):
     print(f"no reference interpreter at {a.torch}; ratios left out")
     a.torch = ""
-  {"layer": layer_bench, "pipeline": pipeline_bench,
-   "source": source_bench}[a.part](a)
+  {"layer": layer_bench, "pipeline": pipeline_bench}[a.part](a)
 
 
 if __name__ == "__main__":
