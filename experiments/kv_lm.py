@@ -284,21 +284,6 @@ def needle_prompts(c: Config, filler: np.ndarray, context: int
   return np.stack(ps), np.stack(ans), np.asarray(ds)
 
 
-def with_store(model, spec: Any):
-  """The model with `init_cache` building `spec`'s stores, so code that
-  makes caches itself (eval.generate) runs the compressed cache. Same
-  params, same apply."""
-  base = type(model)
-
-  class Stored(base):
-    def init_cache(self, batch, capacity, dtype=jnp.float32, store=None):
-      del store
-      return base.init_cache(self, batch, capacity, dtype, store=spec)
-
-  Stored.__name__ = f"{base.__name__}[{spec_label(spec)}]"
-  return Stored(model.config)
-
-
 def spec_label(spec: Any) -> str:
   pol = "dense" if spec.policy is None else spec.policy.name
   fmt = "float" if spec.keys is None and spec.values is None else "q"
@@ -309,9 +294,9 @@ def greedy(model, variables, spec: Any, prompts: np.ndarray, new: int):
   """(tokens (B, new), decode tokens/s) of greedy generation after equal-
   length prompts through `spec`'s cache (eval.generate)."""
   from compressjax import eval as cj_eval
-  res = cj_eval.generate(with_store(model, spec), variables,
-                     [list(map(int, p)) for p in prompts],
-                     max_new_tokens=new, eos_ids=(), bucket=prompts.shape[1])
+  res = cj_eval.generate(model, variables, [list(map(int, p)) for p in prompts],
+                         max_new_tokens=new, eos_ids=(),
+                         bucket=prompts.shape[1], kv_store=spec)
   return res.tokens[:, :new], res
 
 
@@ -320,7 +305,7 @@ def greedy(model, variables, spec: Any, prompts: np.ndarray, new: int):
 # ---------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
-class Row:
+class CacheRow:
   """One cache configuration. spec(context, rope) -> kv.KVSpec for a cache
   of `context` tokens (budgets are `budget` of it) on a model with RoPE or
   learned positions; policy / budget group the rows in the plot."""
@@ -357,7 +342,7 @@ _POLICY = re.compile(r"^(window|sink|h2o|snapkv|tova|random)(_pyramid)?_(\d+)"
                      r"(\+int4|\+int8)?$")
 
 
-def make_row(name: str, c: Config) -> Row:
+def make_row(name: str, c: Config) -> CacheRow:
   """The row called `name`: a format (float, int8, fp8, int4), KIVI
   (kivi<bits>[_r<R>][_rot]) or policy_<percent>[+int4|+int8] (policies:
   window, sink, h2o, snapkv, tova, random; _pyramid: PyramidKV budgets)."""
@@ -365,13 +350,13 @@ def make_row(name: str, c: Config) -> Row:
   fmts = _formats(c)
   if name in fmts:
     make, desc = fmts[name]
-    return Row(name, desc, lambda ctx, rope: kv.KVSpec(**make()))
+    return CacheRow(name, desc, lambda ctx, rope: kv.KVSpec(**make()))
   m = _KIVI.match(name)
   if m:
     bits, r, rot = int(m[1]), int(m[2] if m[2] is not None else
                                   c.kv.residual), bool(m[3])
     keys, values = kv.kivi(bits, g, rotate=rot)
-    return Row(name, f"KIVI-{bits}: keys per channel / values per token in "
+    return CacheRow(name, f"KIVI-{bits}: keys per channel / values per token in "
                f"groups of {g}, {r} recent tokens float"
                + (", Hadamard-rotated keys" if rot else ""),
                lambda ctx, rope: kv.KVSpec(keys=keys, values=values,
@@ -410,11 +395,11 @@ def make_row(name: str, c: Config) -> Row:
           "random": "random eviction (control)"}[pname]
   desc += f", {pct}% budget" + (" (pyramid)" if pyramid else "") + (
       f", {quant[1:]} entries" if quant else "")
-  return Row(name, desc, spec, pname + ("_pyramid" if pyramid else "") +
+  return CacheRow(name, desc, spec, pname + ("_pyramid" if pyramid else "") +
              (quant or ""), frac)
 
 
-def parse_rows(spec: str, c: Config) -> list[Row]:
+def parse_rows(spec: str, c: Config) -> list[CacheRow]:
   names = [n.strip() for n in spec.split(",") if n.strip()]
   if len(set(names)) != len(names):
     raise ValueError(f"duplicate rows in {spec!r}")
@@ -478,7 +463,7 @@ def byte_baseline(c: Config, workdir: str, log: Log):
   return model, variables, stats
 
 
-def evaluate_row(row: Row, c: Config, ctx: dict, log: Log) -> dict:
+def evaluate_row(row: CacheRow, c: Config, ctx: dict, log: Log) -> dict:
   """Every measurement of one row (see the module docstring)."""
   out: dict[str, Any] = {}
   t0 = time.time()
@@ -525,7 +510,7 @@ def evaluate_row(row: Row, c: Config, ctx: dict, log: Log) -> dict:
 # The run
 # ---------------------------------------------------------------------------
 
-def prepare(c: Config, workdir: str, log: Log, rows: list[Row]) -> dict:
+def prepare(c: Config, workdir: str, log: Log, rows: list[CacheRow]) -> dict:
   """Models (trained or restored) and every evaluation input."""
   train, val, split = lm_task.load_data(c)  # the byte LM's split
   ctx: dict[str, Any] = dict(split=split)
