@@ -19,9 +19,30 @@ supported with the same estimator: round(.) is the format's own rounding
 ternary, binary: nearest level) and [-Q_N, Q_P] is its code range (int
 symmetric [-2^(b-1), 2^(b-1)-1]; asymmetric [-z, 2^b-1-z] with the zero point
 z of RTN, kept fixed, Q_P = 2^b - 1 in g; others [-max, max], Q_P = max). So
-non-integer formats train a learned scale with the STE; their step (and that
-of asymmetric int) starts from the format's PTQ scale rule, not LSQ's init,
-which assumes a uniform grid. weight="ste" keeps the PTQ step fixed.
+non-integer formats train a learned scale with the STE. weight="ste" keeps
+the PTQ step fixed.
+
+Step init and step learning rate (measured on the default LM, int4 g128, 200
+steps of the experiment's Adam recipe from the float model, val ppl; float
+5.348, RTN 5.394; bench/training.py --part qat):
+  LSQ init 2 mean|v| / sqrt(Q_P), step at the weights' lr     5.223
+  LSQ, PTQ (absmax) init                                       5.207
+  STE, fixed PTQ step                                          5.202
+  qwix QAT (absmax step recomputed every step, identity STE)  5.196
+  LSQ, PTQ init, steps updated in log space (relative_steps)  5.191
+Two causes. (1) LSQ's init, derived for per-layer steps of ResNet weights,
+is far from the error-minimizing step for groups of 128: the PTQ scale starts
+closer, so `step_init="ptq"` is the default (`"lsq"` keeps the paper's).
+(2) LSQ's gradient scale g balances step and weight updates under SGD; Adam
+divides every parameter's gradient by its own RMS, so g has no effect and a
+step moves by ~lr per update in absolute terms, while a step is ~10-50x
+smaller than the weights of its group: its relative updates are far larger
+than theirs, and a step change moves all weights of its group at once.
+`relative_steps()` (chain it after the optimizer) applies each step's update
+multiplicatively, s <- s exp(u): Adam on log s, scale-free (the same
+relative rate for every layer whatever its step size) and s stays positive.
+A fixed lr multiplier of 0.03 for the steps did about as well on this model
+(5.193) but is a constant tied to the step sizes.
 
 Activations. PACT (Choi et al. 2018, "PACT: Parameterized Clipping
 Activation", Sec. 2): y = clip(x, 0, alpha), quantized to k bits with the
@@ -54,12 +75,14 @@ QArray codes/scale/zero are bit-exact.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any, ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from pallas_kernels import layout
 from compressjax.core import transform as transform_lib
@@ -82,7 +105,7 @@ from compressjax.runtime import dispatch
 
 WEIGHT_MODES = ("lsq", "ste")
 ACTS = (None, "int8", "fp8_e4m3", "fp8_e5m2", "pact")
-STEP_INITS = ("lsq", "ptq")
+STEP_INITS = ("ptq", "lsq")
 # Initial clip: wide, so training starts near the float model; the alpha
 # gradient (x >= alpha) and the L2 penalty then pull it in.
 PACT_ALPHA_INIT = 10.0
@@ -368,7 +391,7 @@ def _check_train_cfg(path: str, shape, cfg) -> None:
   if mode not in WEIGHT_MODES:
     raise CompressionError(f"qat weight={mode!r}: use one of {WEIGHT_MODES}",
                            path)
-  if cfg.get("step_init", "lsq") not in STEP_INITS:
+  if cfg.get("step_init", "ptq") not in STEP_INITS:
     raise CompressionError(f"qat step_init={cfg.get('step_init')!r}: use one "
                            f"of {STEP_INITS}", path)
   act = cfg.get("act")
@@ -415,8 +438,9 @@ def _make(path, weight, step, zero, shape, dtype, fmt, axis, cfg):
 def fake_quant_leaf(w, bits: int = 4, *, path: str = "<array>",
                     **cfg) -> FakeQuant:
   """FakeQuant for float kernel `w` (config keys as `qat`). The step is the
-  PTQ (`quantize_array`) scale, or LSQ's 2 mean|v| / sqrt(Q_P) per group for
-  weight="lsq" with step_init="lsq" on symmetric integer formats."""
+  PTQ (`quantize_array`) scale (step_init="ptq", the default), or LSQ's
+  2 mean|v| / sqrt(Q_P) per group for weight="lsq" with step_init="lsq" on
+  symmetric integer formats."""
   cfg = dict(cfg, bits=bits)
   _check_cfg(path, w.shape, cfg)
   qcfg = {k: cfg[k] for k in _QUANT_KEYS if k in cfg}
@@ -424,7 +448,7 @@ def fake_quant_leaf(w, bits: int = 4, *, path: str = "<array>",
   fmt, axis = ptq.fmt, ptq.axis
   step, zero = ptq.scale.astype(jnp.float32), ptq.zero
   v = jnp.asarray(w, jnp.float32)
-  if (cfg.get("weight", "lsq") == "lsq" and cfg.get("step_init", "lsq") ==
+  if (cfg.get("weight", "lsq") == "lsq" and cfg.get("step_init", "ptq") ==
       "lsq" and isinstance(fmt, IntFormat) and fmt.symmetric):
     gs = cfg.get("group_size")
     groups = 1 if gs is None else w.shape[axis] // gs
@@ -503,7 +527,8 @@ class QatOptions(rules_lib.Options):
   weight: Literal[WEIGHT_MODES] = option(
       "lsq", "lsq: learned step (eq. 3); ste: fixed PTQ step")
   step_init: Literal[STEP_INITS] = option(
-      "lsq", "lsq: 2 mean|v| / sqrt(Q_P) (symmetric int); ptq: PTQ scale")
+      "ptq", "ptq: the PTQ scale; lsq: 2 mean|v| / sqrt(Q_P) (symmetric "
+      "int, the paper's; worse for grouped steps, see module doc)")
   act: Literal[ACTS] = option(
       None, "activations: int8 / fp8 per token (STE) or pact (learned clip)")
   act_bits: int = option(8, "PACT bits", check=lambda b: 2 <= b <= 8,
@@ -585,6 +610,30 @@ def export(tree: Any) -> Any:
   return map_with_paths(one, tree)
 
 
+def relative_steps() -> optax.GradientTransformation:
+  """An optax transformation to chain after the optimizer: the update u of
+  every FakeQuant step becomes s (exp(u) - 1), so s <- s exp(u) (the step
+  learned in log space; see the module doc for why Adam needs it). Other
+  updates pass unchanged. Needs `params` (optax.chain passes them on):
+
+      opt = optax.chain(optax.adam(lr), qat.relative_steps())
+  """
+  is_fq = lambda x: isinstance(x, FakeQuant)
+
+  def update(updates, state, params=None):
+    if params is None:
+      raise ValueError("relative_steps needs the params: call "
+                       "opt.update(grads, state, params)")
+
+    def one(u, p):
+      if is_fq(u) and u.step is not None:
+        return dataclasses.replace(u, step=p.step * jnp.expm1(u.step))
+      return u
+    return jax.tree.map(one, updates, params, is_leaf=is_fq), state
+
+  return optax.GradientTransformation(lambda p: optax.EmptyState(), update)
+
+
 def pact_penalty(tree: Any, coeff: float) -> jax.Array:
   """L2 regularizer coeff * sum(alpha^2) over PACT leaves (Choi et al., Sec. 2),
   to add to the loss."""
@@ -597,4 +646,5 @@ def pact_penalty(tree: Any, coeff: float) -> jax.Array:
 
 __all__ = ["ACTS", "FakeQuant", "PactInput", "export", "export_leaf",
            "fake_quant", "fake_quant_leaf", "from_ptq", "grad_scale",
-           "pact", "pact_penalty", "per_token_fake_quant", "qat"]
+           "pact", "pact_penalty", "per_token_fake_quant", "qat",
+           "relative_steps"]

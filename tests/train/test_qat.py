@@ -81,8 +81,9 @@ def test_ste_gradient_is_one_inside_range_zero_outside(fmt, gran, shrink,
        seed=st.integers(0, 2**16))
 def test_lsq_step_gradient_is_eq3_times_g(bits, gran, seed):
   w = _weight(seed)
-  leaf = Q.fake_quant_leaf(w, bits, weight="lsq", **GRANS[gran])
-  # init: s = 2 mean|v| / sqrt(Q_P) per step
+  leaf = Q.fake_quant_leaf(w, bits, weight="lsq", step_init="lsq",
+                           **GRANS[gran])
+  # the paper's init: s = 2 mean|v| / sqrt(Q_P) per step
   qn, qp = 2.0**(bits - 1), 2.0**(bits - 1) - 1
   n_w = w.size // leaf.step.size
   mean = _per_step_sum(np.abs(np.asarray(w)), leaf.step.shape) / n_w
@@ -304,6 +305,30 @@ def test_int4_lsq_training_beats_rtn():
     first = float(loss) if first is None else first
   final = float(jnp.mean((_run(Q.export(t), X) - y)**2))  # deployed int4
   assert final < rtn and final < first, (final, rtn, first)
+
+
+def test_default_step_init_is_ptq_and_relative_steps_is_log_space():
+  t = _qat(bits=4, group_size=8)
+  leaf = t["params"]["Dense_0"]["kernel"]
+  ptq = _quantize(PARAMS, 4, group_size=8)["params"]["Dense_0"]["kernel"]
+  np.testing.assert_array_equal(leaf.step, ptq.scale)
+  flo, rest = cj.partition_float(t)
+  opt = optax.chain(optax.adam(0.3), Q.relative_steps())
+  st = opt.init(flo)
+  g = jax.grad(lambda f: _loss(cj.combine(f, rest), _run(PARAMS, X)))(flo)
+  plain, _ = optax.adam(0.3).update(g, optax.adam(0.3).init(flo), flo)
+  upd, _ = opt.update(g, st, flo)
+  k = lambda tree: tree["params"]["Dense_0"]["kernel"]
+  # steps: s exp(u) - s (positive whatever u), the rest: adam's own update
+  np.testing.assert_allclose(
+      k(upd).step, np.asarray(k(flo).step) * np.expm1(np.asarray(
+          k(plain).step, np.float64)), rtol=1e-5)
+  assert np.all(np.asarray(k(flo).step) + np.asarray(k(upd).step) > 0)
+  np.testing.assert_array_equal(k(upd).weight, k(plain).weight)
+  np.testing.assert_array_equal(upd["params"]["Dense_0"]["bias"],
+                                plain["params"]["Dense_0"]["bias"])
+  with pytest.raises(ValueError, match="needs the params"):
+    opt.update(g, st)
 
 
 def test_rules_select_bits_per_path():
