@@ -110,9 +110,10 @@ def test_default_methods_fit_default_model():
   """Every default row's transform accepts the default model's kernels."""
   c = default_config.get_config()
   model = compress_lm.build_model(c)
-  # Shapes are all `init` needs to check every rule and group size.
-  variables = jax.eval_shape(model.init, jax.random.key(0),
-                             jnp.zeros((1, c.data.seq_len), jnp.int32))
+  # concrete values: a chain's later parts are initialized on what the
+  # earlier ones produce, which data-dependent parts compute from values
+  variables = model.init(jax.random.key(0),
+                         jnp.zeros((1, c.data.seq_len), jnp.int32))
   paths = {p for p, _ in cj.core.leaves_with_paths(variables)}
   for p in ("params/block_0/attn/query/kernel", "params/block_0/mlp/fc1/kernel",
             "params/head/kernel", "params/embed/embedding"):

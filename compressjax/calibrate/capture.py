@@ -169,8 +169,13 @@ def capture(model: Any, params: Any, batches: Iterable[Any], *,
     ref = ref or sig
     try:
       s = jstep(params, args)
-    except CompressionError:
-      raise
+    except CompressionError as e:
+      if "calibration batch" in str(e):
+        raise
+      raise CompressionError(  # e.g. the runtime's shape error, naming the param
+          f"calibration batch {i} ({_describe(args)}) fails in the model: "
+          f"{e}; check the batch's shape and dtype against the model's "
+          "input") from None
     except Exception as e:  # shape / dtype errors from inside the model
       msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
       raise CompressionError(

@@ -129,6 +129,10 @@ def leaf_transform(name: str, base: Mapping[str, Any], leaf_fn: LeafFn,
 # chain
 # ---------------------------------------------------------------------------
 
+def _abstract(tree: Any) -> bool:
+  return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(tree))
+
+
 class Chain(Transform):
   """Transforms applied in order (see `chain`); `parts` are the transforms."""
 
@@ -151,8 +155,19 @@ class Chain(Transform):
         s = t.init(params)
         states.append(s)
         if k + 1 < n:
-          params, s = t.update(params, s)
-          states[-1] = s
+          if _abstract(params):  # shapes only (jax.eval_shape): trace
+            try:
+              params = jax.eval_shape(lambda p, t=t, s=s: t.update(p, s)[0],
+                                      params)
+            except jax.errors.ConcretizationTypeError as e:
+              raise CompressionError(
+                  f"chain.init got shapes only (jax.ShapeDtypeStruct), but "
+                  f"part {k} reads values to compress, so the parts after it "
+                  "cannot be initialized on its output; pass concrete "
+                  f"arrays ({type(e).__name__})") from None
+          else:
+            params, s = t.update(params, s)
+            states[-1] = s
       return tuple(states)
 
     def update(params, states):

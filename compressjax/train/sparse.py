@@ -72,6 +72,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from compressjax.allocate.sparsity import erk_densities as _erk_densities
 from compressjax.core.errors import CompressionError
 from compressjax.core.rules import Predicate, RuleLike, default_filter, resolve
 from compressjax.core.tree import (INPUT_AXIS, is_compressed, is_float_dtype,
@@ -220,29 +221,6 @@ def export(params: Any, state: Any) -> Any:
 
 # ----------------------------------------------------------------------------
 # layer densities
-
-
-def _erk_densities(shapes: Mapping[str, tuple], sparsity: float
-                   ) -> dict[str, float]:
-  """ERK: density_l = eps * sum(shape)/prod(shape), layers with density > 1
-  made dense and eps recomputed over the rest (RigL's iteration)."""
-  if sparsity == 0.0:
-    return {p: 1.0 for p in shapes}
-  size = {p: float(math.prod(s)) for p, s in shapes.items()}
-  raw = {p: sum(s) / size[p] for p, s in shapes.items()}
-  total = sum(size.values())
-  dense: set[str] = set()
-  while True:
-    rest = [p for p in shapes if p not in dense]
-    # eps * sum_rest raw*N + N_dense = (1 - s) * N_total
-    rhs = (1.0 - sparsity) * total - sum(size[p] for p in dense)
-    eps = rhs / sum(raw[p] * size[p] for p in rest)
-    top = max(raw[p] for p in rest)
-    # terminates: a lone remaining layer (or equal raws) gets eps*raw < 1
-    if eps * top <= 1.0:
-      break
-    dense |= {p for p in rest if raw[p] == top}
-  return {p: 1.0 if p in dense else eps * raw[p] for p in shapes}
 
 
 def _resolve(params, base: Mapping[str, Any], rules, default, name, allowed):

@@ -7,7 +7,7 @@ import pytest
 
 import compressjax as cj
 from compressjax.core.rules import Rule, default_filter, resolve
-from compressjax.core.transform import LeafState
+from compressjax.core.transform import LeafState, leaf_transform
 
 T = cj.transforms
 
@@ -67,6 +67,29 @@ def test_chain_equals_parts_in_turn():
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   state = cj.chain(*parts).init(p)
   assert len(state) == 2 and all(isinstance(s, LeafState) for s in state)
+
+
+def test_chain_init_on_shapes_only():
+  """`init` on jax.eval_shape output: traceable parts are traced to give the
+  next part its input; a part that reads values fails naming the fix."""
+  p = _params()
+  shapes = jax.eval_shape(lambda: p)
+  parts = [T.sparsify(pattern="nm", n=2, m=4), T.quantize(4, group_size=8)]
+  abstract = cj.chain(*parts).init(shapes)
+  concrete = cj.chain(*parts).init(p)
+  assert abstract[1].plan.configs == concrete[1].plan.configs
+  out, _ = cj.chain(*parts).update(p, abstract)
+  np.testing.assert_array_equal(
+      cj.core.materialize(out["params"]["head"]["kernel"]),
+      cj.core.materialize(cj.chain(*parts).apply(p)["params"]["head"]["kernel"]))
+
+  def reads_values(path, leaf, cfg, state):
+    if bool(jnp.all(leaf == 0)):  # a data-dependent branch
+      return leaf
+    return leaf * 2
+  valued = leaf_transform("reads_values", {}, reads_values)
+  with pytest.raises(cj.CompressionError, match="part 0 reads values"):
+    cj.chain(valued, parts[1]).init(shapes)
 
 
 def test_transforms_are_pure_and_deterministic():

@@ -312,6 +312,6 @@ def test_tokenizer_ids_from_configs_and_missing(tmp_path, caplog):
   (d / "tokenizer.json").write_text("{broken")
   _raises(d, r"tokenizer.json could not be read")
   (d / "tokenizer.json").unlink()
-  with caplog.at_level("INFO"):
+  with caplog.at_level("INFO", logger="absl"):
     assert hub.load_pretrained(d).tokenizer is None
   assert "no tokenizer.json" in caplog.text

@@ -225,7 +225,7 @@ def test_params_the_model_never_reads(caplog):
                      match=r"never reads 1 param.*'params/head/kernel'.*"
                      r"allow_unused=True"):
     cj.run(model, c, X, allow_unused=False)  # strict
-  with caplog.at_level("WARNING"):
+  with caplog.at_level("WARNING", logger="absl"):
     cj.run(model, c, X)  # default: named in a warning
   assert "never reads 1 param(s) of the tree: ['params/head/kernel']" in \
       caplog.text
