@@ -104,8 +104,9 @@ from compressjax.quantization.rtn import quantize_array
 from compressjax.train import (adapters, distill, loop, qat, reconstruct,
                                sparse)
 from configs import default as default_config
-from experiments import compress_lm as E
-from experiments import train_lm
+from experiments import harness
+from experiments import lm_task as E
+from experiments import recipes, rows
 
 GOALS = {
     "qat_step_ratio": ("<=", 1.25),
@@ -379,14 +380,13 @@ def quality_part(a, c, log) -> tuple[dict, list]:
     c.train.steps = a.baseline_steps
     c.train.warmup = min(c.train.warmup, max(1, a.baseline_steps // 10))
   train_data, val_data, split = E.load_data(c)
-  model = E.build_model(c)
-  key = E.baseline_key(c, split.digest)
-  variables, stats, cached = E.get_baseline(c, model, train_data, key,
-                                            os.path.abspath(a.workdir), log)
-  eval_step = E.make_eval_step(model)
+  task = E.task(c, os.path.abspath(a.workdir), log)
+  model, variables, key = task.model, task.baseline, task.key
+  stats, cached = task.info["baseline_stats"], task.info["baseline_cached"]
+  ctx = harness.Context(c, task, os.path.abspath(a.workdir), log)
 
   def ppl(tree) -> float:
-    return math.exp(E.evaluate(eval_step, tree, c, val_data)[0])
+    return task.evaluate(tree)["value"]
 
   # the same S batches, in order, for every contender
   it = stdlib_text.train_batches(train_data, c.data.seq_len,
@@ -414,7 +414,7 @@ def quality_part(a, c, log) -> tuple[dict, list]:
   parts = set(a.quality_parts.split(","))
 
   if "qat" in parts:
-    rtn = jax.jit(E.make_transform("int4_g128", c).apply)(variables)
+    rtn = jax.jit(rows.make("int4_g128", c).build(ctx).apply)(variables)
     p_rtn = ppl(rtn)
     flo, rest = cj.partition_float(jax.jit(qat.from_ptq)(rtn))
     out = finetune("qat", lambda p, b: ce(
@@ -439,7 +439,7 @@ def quality_part(a, c, log) -> tuple[dict, list]:
         f"fine-tuned {S} steps ({p_ft:.3f}): {strict:.2f}"))
 
   if "kd" in parts:
-    student = jax.jit(E.make_transform("nm_2_4", c).apply)(variables)
+    student = jax.jit(rows.make("nm_2_4", c).build(ctx).apply)(variables)
     flo, rest = cj.partition_float(student)
     run = lambda p, x: cj.run(model, cj.combine(p, rest), x)
     p0 = ppl(student)
@@ -461,7 +461,7 @@ def quality_part(a, c, log) -> tuple[dict, list]:
   if "rigl" in parts:
     every = a.rigl_every or max(1, S // 8)
     end = max(1, int(0.75 * S))
-    common = dict(rules=E._sparse_rules(c), seed=c.seed,
+    common = dict(rules=rows.sparse_rules(ctx), seed=c.seed,
                   mask_init="magnitude")
     tx_rigl = sparse.rigl(opt, a.sparsity, end_step=end, update_every=every,
                           drop_fraction=a.rigl_drop, **common)
@@ -542,9 +542,8 @@ def _adapter_quality(a, c, model, variables, train_data, ppl, log):
                                  **kw).apply)(variables)
     start = ppl(tree)
     ad, rest = adapters.partition(tree)
-    res = loop.train(train_lm.lm_loss(model, rest), ad, train_lm.optimizer(f),
-                     train_lm.batch_fn(train_data, c.data.seq_len,
-                                       f.batch_size, c.seed),
+    res = loop.train(recipes.task_loss(ctx, rest), ad, recipes.optimizer(f),
+                     ctx.task.training.batches(f.batch_size, c.seed),
                      steps=f.steps, seed=c.seed, log_every=max(f.steps // 2,
                                                                1),
                      tensorboard=False,
@@ -640,9 +639,8 @@ def _qwix_like_tree(model, variables, c, f, train_data, seed):
     logits = model.apply(tree, batch[:, :-1])
     return transformer.next_token_loss(logits, batch[:, 1:]).mean(), {}
 
-  res = loop.train(loss_fn, variables, train_lm.optimizer(f),
-                   train_lm.batch_fn(train_data, c.data.seq_len,
-                                     f.batch_size, seed),
+  res = loop.train(loss_fn, variables, recipes.optimizer(f),
+                   ctx.task.training.batches(f.batch_size, seed),
                    steps=f.steps, seed=c.seed, log_every=None,
                    tensorboard=False, progress=False)
   return quant.apply(res.params)
@@ -663,12 +661,11 @@ def _qat_compare(a, c, model, variables, train_data, ppl, log):
     for name, (kw, rel) in variants.items():
       tree = qat.qat(**kw).apply(variables)
       flo, rest = cj.partition_float(tree)
-      opt = train_lm.optimizer(f)
+      opt = recipes.optimizer(f)
       if rel:
         opt = optax.chain(opt, qat.relative_steps())
-      res = loop.train(train_lm.lm_loss(model, rest), flo, opt,
-                       train_lm.batch_fn(train_data, c.data.seq_len,
-                                         f.batch_size, seed),
+      res = loop.train(recipes.task_loss(ctx, rest), flo, opt,
+                       ctx.task.training.batches(f.batch_size, seed),
                        steps=f.steps, seed=c.seed, log_every=None,
                        tensorboard=False, progress=False)
       runs[name].append(ppl(qat.export(cj.combine(res.params, rest))))

@@ -1,10 +1,8 @@
 """Distillation-recovered 2:4 of the default LM (experiments/train_lm.py):
-the student is a default-table row, the float model is the teacher.
+magnitude 2:4, the float model is the teacher, 1000 fine-tuning steps.
 
     python -m experiments.train_lm --config=configs/distill.py --workdir=runs/kd
 """
-
-import ml_collections
 
 from configs import default
 
@@ -12,7 +10,5 @@ from configs import default
 def get_config():
   c = default.get_config()
   c.finetune.steps = 1000
-  c.recipe = ml_collections.ConfigDict()
-  c.recipe.method = "distill"
-  c.recipe.student = "nm_2_4"  # any non-calibrated row of METHODS
+  c.methods = "float32,nm_2_4,kd_2_4"
   return c

@@ -1,11 +1,9 @@
 """Dynamic sparse training of the default LM (experiments/train_lm.py):
-RigL (or set / gmp) at 90%, from the float model.
+RigL at 90% (or set_90 / gmp_90) from the float model, 1000 steps.
 
     python -m experiments.train_lm --config=configs/sparse_training.py \
-        --workdir=runs/rigl --config.recipe.method=set
+        --workdir=runs/rigl --config.methods=float32,set_90
 """
-
-import ml_collections
 
 from configs import default
 
@@ -15,7 +13,5 @@ def get_config():
   c.finetune.steps = 1000
   c.finetune.update_every = 100   # the paper's settings for long runs
   c.finetune.drop_fraction = 0.3
-  c.recipe = ml_collections.ConfigDict()
-  c.recipe.method = "rigl"   # rigl | set | gmp
-  c.recipe.sparsity = 0.9
+  c.methods = "float32,rigl_90"
   return c

@@ -1,40 +1,59 @@
-"""The training-recipe entry point (experiments/train_lm.py) on the smoke
-config: each recipe trains, exports to compressed leaves and is evaluated;
-a rerun reuses the finished fine-tuning checkpoint."""
+"""The entry points (experiments/compress_lm.py, experiments/train_lm.py):
+thin absl mains over the harness. The training rows themselves run in the
+smoke experiment (tests/test_experiment.py); here: the recipe configs name
+training rows that parse, and one real command-line run pins the XLA flags
+and writes the results files."""
 
-import jax
-import ml_collections
-import numpy as np
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 
-import compressjax as cj
-from configs import smoke
-from experiments import train_lm
+from configs import default, distill, qat, sparse_training
+from experiments import harness, rows
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _config(**recipe):
-  c = smoke.get_config()
-  c.finetune.steps = 3
-  c.recipe = ml_collections.ConfigDict(recipe)
-  return c
+@pytest.mark.parametrize("module,trained", [
+    (qat, ["qat_int4_g128"]), (distill, ["kd_2_4"]),
+    (sparse_training, ["rigl_90"])])
+def test_recipe_configs_name_training_rows(module, trained):
+  c = module.get_config()
+  parsed = rows.parse(c.methods, c)
+  assert [r.name for r in parsed if "training" in r.needs] == trained
+  assert parsed[0].name == "float32"
+  assert c.finetune.steps > default.get_config().finetune.steps
+  # the description states the longer schedule the config sets
+  assert f"{c.finetune.steps} steps" in parsed[-1].description
 
 
-# one recipe end to end (the smoke experiment runs every training row); the
-# exported leaf type follows the recipe
-@pytest.mark.parametrize("recipe", [
-    dict(method="qat", bits=4, format="", group_size=32),
-])
-def test_recipe_runs_and_reuses_its_checkpoint(tmp_path, recipe):
-  c = _config(**recipe)
-  out = train_lm.run(c, str(tmp_path), log=lambda s: None)
-  f32, row = out["rows"]
-  assert np.isfinite(row["value"]) and row["steps"] == 3
-  tree = cj.restore(str(tmp_path / "compressed"))
-  kinds = {type(x).__name__ for x in jax.tree.leaves(
-      tree, is_leaf=cj.is_compressed) if cj.is_compressed(x)}
-  assert kinds == ({"SparseArray"} if recipe["method"] == "rigl"
-                   else {"QArray"})
-  assert row["bits_per_weight"] < f32["bits_per_weight"]
-  again = train_lm.run(c, str(tmp_path), log=lambda s: None)
-  assert again["rows"][1]["value"] == row["value"]
-  assert again["rows"][1]["final_loss"] is None  # loaded, not retrained
+def test_command_line_run(tmp_path):
+  # compilation is all the time here: XLA's optimizations off
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="",
+             JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+  cmd = [sys.executable, "-m", "experiments.compress_lm",
+         "--config=configs/smoke.py", f"--workdir={tmp_path}",
+         "--config.methods=float32", "--config.train.steps=2",
+         "--config.eval.max_batches=1"]
+  out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  with open(tmp_path / "results.json") as f:
+    assert [r["method"] for r in json.load(f)] == ["float32"]
+  md = (tmp_path / "results.md").read_text()
+  assert "| float32 |" in md and md in out.stdout
+  for flag in harness.PINNED_XLA_FLAGS:
+    assert flag in md  # the environment line records the pinned flags
+  # a bad row name fails before any training, naming the row kinds
+  bad_dir = tmp_path / "bad"
+  bad = subprocess.run(cmd[:3] + ["--config=configs/smoke.py",
+                                  f"--workdir={bad_dir}",
+                                  "--config.methods=float32,int4_g7x"],
+                       cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+  assert bad.returncode != 0 and "unknown method 'int4_g7x'" in bad.stderr
+  assert not (bad_dir / "baseline").exists()
+

@@ -1,11 +1,18 @@
 """A byte-level text corpus made of the Python standard library's own source.
 
-Every Python install ships these files, so nothing is downloaded and the data
-is the same on every machine with the same Python minor version (the cache
-key of the experiments hashes the bytes, so a different version simply
-retrains). The module list is fixed: pure-python top-level modules present in
-CPython 3.11, 3.12 and 3.13 (checked), read in sorted order. Files are joined
-with a NUL byte, which never occurs in source text, as a document boundary.
+Every Python install ships these files, so nothing is downloaded. But their
+bytes change between patch releases (21 of the 50 files differ between 3.11.2
+and 3.11.7, among them the validation file calendar.py), so results would
+depend on the Python that happens to be installed. The default source is
+therefore a pinned snapshot of the files from CPython 3.11.7 that ships with
+this package (`stdlib_3_11_7.tar.xz`, 350 KB, with the PSF license; its
+sha256 is checked on load): the same bytes on every machine and Python
+version. `source="installed"` reads this Python's own files instead (the
+cache keys of the experiments hash the bytes, so that simply retrains).
+
+The module list is fixed: pure-python top-level modules present in CPython
+3.11, 3.12 and 3.13 (checked), read in sorted order. Files are joined with a
+NUL byte, which never occurs in source text, as a document boundary.
 
 The split is by file: the modules named in `val_files` form the validation set
 and all others the training set, so no validation byte comes from a file seen
@@ -22,8 +29,11 @@ Batches are uint8 arrays of shape (batch, seq_len + 1): inputs are
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import io
 import os
+import tarfile
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -50,6 +60,14 @@ DEFAULT_VAL_FILES: tuple[str, ...] = (
 SEPARATOR = b"\x00"
 VOCAB_SIZE = 256
 
+# The pinned snapshot: MODULES and LICENSE.txt of CPython SNAPSHOT_VERSION.
+SNAPSHOT_VERSION = "3.11.7"
+SNAPSHOT = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                        "stdlib_3_11_7.tar.xz")
+SNAPSHOT_SHA256 = ("e802df7827c82d3ebe72ebe8478ca859"
+                   "3bf3897b1f5f854f7d304c3325f3db5b")
+SOURCES = ("snapshot", "installed")
+
 
 def stdlib_dir() -> str:
   return os.path.dirname(os.__file__)
@@ -63,8 +81,7 @@ def _parse_names(names: str | Sequence[str] | None) -> tuple[str, ...]:
   return tuple(n.strip() for n in names if n.strip())
 
 
-def read_module(name: str, root: str | None = None) -> bytes:
-  """Bytes of one standard-library source file; clear error if missing."""
+def _installed(name: str, root: str | None = None) -> bytes:
   path = os.path.join(root or stdlib_dir(), name)
   if not os.path.isfile(path):
     raise FileNotFoundError(
@@ -73,6 +90,66 @@ def read_module(name: str, root: str | None = None) -> bytes:
         "install the python3 source/full package, or use a pyenv/venv Python)")
   with open(path, "rb") as f:
     return f.read()
+
+
+@functools.lru_cache(maxsize=1)
+def _snapshot_files() -> dict[str, bytes]:
+  if not os.path.isfile(SNAPSHOT):
+    raise FileNotFoundError(
+        f"the pinned stdlib snapshot {SNAPSHOT!r} is missing (a wheel built "
+        "without package data?); reinstall compressjax from source, or pass "
+        "source='installed' to read this Python's own stdlib files")
+  with open(SNAPSHOT, "rb") as f:
+    blob = f.read()
+  digest = hashlib.sha256(blob).hexdigest()
+  if digest != SNAPSHOT_SHA256:
+    raise ValueError(f"{SNAPSHOT} is corrupt: sha256 {digest}, expected "
+                     f"{SNAPSHOT_SHA256}; restore it from the repository")
+  with tarfile.open(fileobj=io.BytesIO(blob), mode="r:xz") as tar:
+    return {m.name: tar.extractfile(m).read() for m in tar.getmembers()
+            if m.isfile()}
+
+
+def read_module(name: str, root: str | None = None,
+                source: str = "snapshot") -> bytes:
+  """Bytes of one standard-library source file from `root` (a directory) if
+  given, else from `source`: "snapshot" (pinned CPython 3.11.7 files) or
+  "installed" (this Python's stdlib). Clear error if missing."""
+  if root is not None or source == "installed":
+    return _installed(name, root)
+  if source != "snapshot":
+    raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+  files = _snapshot_files()
+  if name not in files:
+    raise FileNotFoundError(
+        f"{name!r} is not in the pinned stdlib snapshot (it holds "
+        "compressjax.data.stdlib_text.MODULES); use source='installed' for "
+        "other modules")
+  return files[name]
+
+
+def write_snapshot(path: str, root: str | None = None,
+                   modules: Sequence[str] = MODULES) -> str:
+  """Writes `modules` (and the LICENSE.txt next to them, when present) from
+  `root` (default: this Python's stdlib) to a reproducible .tar.xz (sorted,
+  zero mtimes and owners); returns its sha256. How SNAPSHOT was made:
+  write_snapshot(SNAPSHOT, <CPython 3.11.7's lib/python3.11>)."""
+  import lzma
+  root = root or stdlib_dir()
+  names = sorted(modules)
+  if os.path.isfile(os.path.join(root, "LICENSE.txt")):
+    names.append("LICENSE.txt")
+  buf = io.BytesIO()
+  with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+    for name in names:
+      data = _installed(name, root)
+      info = tarfile.TarInfo(name)
+      info.size, info.mtime, info.mode = len(data), 0, 0o644
+      tar.addfile(info, io.BytesIO(data))
+  blob = lzma.compress(buf.getvalue(), preset=9 | lzma.PRESET_EXTREME)
+  with open(path, "wb") as f:
+    f.write(blob)
+  return hashlib.sha256(blob).hexdigest()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,11 +161,11 @@ class Split:
   digest: str
 
 
-def _join(names: Sequence[str], root: str | None, max_bytes: int | None
-          ) -> np.ndarray:
+def _join(names: Sequence[str], root: str | None, source: str,
+          max_bytes: int | None) -> np.ndarray:
   parts = []
   for n in names:
-    parts += [read_module(n, root), SEPARATOR]
+    parts += [read_module(n, root, source), SEPARATOR]
   data = b"".join(parts)
   if max_bytes is not None and max_bytes > 0:
     data = data[:max_bytes]
@@ -98,7 +175,7 @@ def _join(names: Sequence[str], root: str | None, max_bytes: int | None
 def load(max_bytes: int | None = 2_000_000, max_val_bytes: int | None = None,
          val_files: str | Sequence[str] | None = DEFAULT_VAL_FILES,
          modules: Sequence[str] = MODULES, root: str | None = None,
-         return_split: bool = False):
+         return_split: bool = False, source: str = "snapshot"):
   """Returns (train, val) uint8 arrays [and a `Split` if return_split].
 
   Args:
@@ -108,8 +185,12 @@ def load(max_bytes: int | None = 2_000_000, max_val_bytes: int | None = None,
     val_files: names (or one comma-separated string) held out for validation;
       each must be in `modules`.
     modules: the file names to use (default: the fixed `MODULES`).
-    root: directory holding them (default: this Python's stdlib).
+    root: a directory holding them (overrides `source`).
+    source: "snapshot" (the pinned CPython 3.11.7 files: the same bytes
+      everywhere) or "installed" (this Python's stdlib).
   """
+  if source not in SOURCES:
+    raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
   modules = tuple(sorted(modules))
   val = _parse_names(val_files)
   unknown = sorted(set(val) - set(modules))
@@ -120,8 +201,8 @@ def load(max_bytes: int | None = 2_000_000, max_val_bytes: int | None = None,
   val_names = tuple(n for n in modules if n in val)
   if not train_names or not val_names:
     raise ValueError("need at least one training and one validation file")
-  train = _join(train_names, root, max_bytes)
-  valid = _join(val_names, root, max_val_bytes)
+  train = _join(train_names, root, source, max_bytes)
+  valid = _join(val_names, root, source, max_val_bytes)
   if not return_split:
     return train, valid
   h = hashlib.sha256()
