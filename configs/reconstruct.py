@@ -3,7 +3,7 @@ LM against GPTQ and RTN: AdaRound, OmniQuant's learnable weight clipping and
 both, per layer from one-shot calibration statistics.
 
     python -m experiments.compress_lm --config=configs/reconstruct.py \
-        --workdir=runs/reconstruct
+        --workdir=runs/default
     ... --config.reconstruct.iters=5000
 """
 
