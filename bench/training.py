@@ -39,7 +39,7 @@ by the experiment's `make_eval_step` / `evaluate`:
      --rigl-drop, cosine-decayed) vs S steps with that mask fixed. Goal: RigL
      closer to the dense perplexity.
 
-Adapters and reconstruction (issue 11):
+Adapters and reconstruction (issue 14):
   7. Cost (--part adapters): one training step of rank-8 LoRA adapters on an
      int4 g128 base and on an NF4 (double-quantized) base, through
      `compressjax.run`, adapters alone trained (adam), vs full fine-tuning of
@@ -50,18 +50,20 @@ Adapters and reconstruction (issue 11):
      medians). Goal: adapter step on int4 peaks below full fine-tuning.
   8. Quality (--quality-parts adapters): from the baseline, rank-8 adapters
      (alpha 16) on every kernel, --steps of the experiment's fine-tuning
-     recipe (train_lm: adam, warmup + cosine, lr --adapter-lr): float LoRA vs
+     recipe (recipes.optimizer: adam, warmup + cosine, lr --adapter-lr;
+     --steps 0: starts only): float LoRA vs
      QLoRA (NF4 blocks of 64, double quantization; head int8 per channel).
      Goal: QLoRA within 2% of float LoRA. LoftQ (5 alternations) vs B = 0 on
      int2 g64 and int3 g128 bases: perplexity before any training (goal:
      LoftQ lower) and after --steps.
-  9. Quality (--quality-parts reconstruct): `train.reconstruct` per layer
-     from one-shot calibration (the experiment's calibration windows),
-     --recon-iters per phase, head int8 per channel: int3 g128 AdaRound and
+  9. Quality (--quality-parts reconstruct): the experiment's rows
+     (`train.reconstruct` per layer from one-shot calibration, the
+     experiment's calibration windows), --recon-iters per phase, head int8
+     per channel: int3 g128 AdaRound and
      LWC + AdaRound vs GPTQ int3 g128 (goal: lower); int2 g64 vs RTN int2
      g64 (goal: at most half of RTN's perplexity).
   10. QAT comparison (--quality-parts qat_compare): int4 g128 from the float
-     model with the experiment's recipe (train_lm.qat_recipe settings), for
+     model with the experiment's recipe (recipes.optimizer, config.finetune), for
      --qat-seeds batch seeds: LSQ as published (init 2 mean|v|/sqrt(Q_P),
      plain optimizer), STE with the fixed PTQ step, qwix's QAT recipe
      (reproduced from its source: absmax scale recomputed from the current
@@ -98,7 +100,6 @@ import optax
 import compressjax as cj
 from compressjax.data import stdlib_text
 from compressjax.models import transformer
-from compressjax.calibrate import capture
 from compressjax.core.tree import leaves_with_paths, map_with_paths
 from compressjax.quantization.rtn import quantize_array
 from compressjax.train import (adapters, distill, loop, qat, reconstruct,
@@ -503,29 +504,28 @@ def quality_part(a, c, log) -> tuple[dict, list]:
                        f"RigL {p_r:.3f} vs fixed {p_f:.3f}, dense "
                        f"{p_float:.3f} (one-shot {p_oneshot:.3f})"))
   if "adapters" in parts:
-    raw["adapters"], f = _adapter_quality(a, c, model, variables, train_data,
-                                          ppl, log)
+    raw["adapters"], f = _adapter_quality(a, ctx, ppl, log)
     figs += f
   if "reconstruct" in parts:
-    raw["reconstruct"], f = _reconstruct_quality(a, c, model, variables,
-                                                 train_data, ppl, log)
+    raw["reconstruct"], f = _reconstruct_quality(a, ctx, ppl, log)
     figs += f
   if "qat_compare" in parts:
-    raw["qat_compare"], f = _qat_compare(a, c, model, variables, train_data,
-                                         ppl, log)
+    raw["qat_compare"], f = _qat_compare(a, ctx, ppl, log)
     figs += f
   raw["seconds"] = time.time() - t0
   return raw, figs
 
 
 def _recipe(c, steps: int, lr: float):
-  """The experiment's fine-tuning recipe (train_lm) at `steps`, `lr`."""
+  """The experiment's fine-tuning recipe (recipes.optimizer) at `steps`,
+  `lr`."""
   f = c.finetune.copy_and_resolve_references()
   f.steps, f.learning_rate = steps, lr
   return f
 
 
-def _adapter_quality(a, c, model, variables, train_data, ppl, log):
+def _adapter_quality(a, ctx, ppl, log):
+  c = ctx.config
   f = _recipe(c, a.steps, a.adapter_lr)
   cfgs = {
       "float_lora": {},
@@ -539,16 +539,17 @@ def _adapter_quality(a, c, model, variables, train_data, ppl, log):
   for name, kw in cfgs.items():
     t0 = time.time()
     tree = jax.jit(adapters.lora(a.rank, rules=HEAD_8 if kw else [],
-                                 **kw).apply)(variables)
+                                 **kw).apply)(ctx.baseline)
     start = ppl(tree)
     ad, rest = adapters.partition(tree)
-    res = loop.train(recipes.task_loss(ctx, rest), ad, recipes.optimizer(f),
-                     ctx.task.training.batches(f.batch_size, c.seed),
-                     steps=f.steps, seed=c.seed, log_every=max(f.steps // 2,
-                                                               1),
-                     tensorboard=False,
-                     progress=lambda s: log(f"  [{name}] {s}"))
-    end = ppl(cj.combine(res.params, rest))
+    end = start
+    if f.steps:
+      res = loop.train(recipes.task_loss(ctx, rest), ad, recipes.optimizer(f),
+                       ctx.task.training.batches(f.batch_size, c.seed),
+                       steps=f.steps, seed=c.seed,
+                       log_every=max(f.steps // 2, 1), tensorboard=False,
+                       progress=lambda s: log(f"  [{name}] {s}"))
+      end = ppl(cj.combine(res.params, rest))
     out[name] = dict(start_ppl=start, end_ppl=end,
                      seconds=time.time() - t0)
     log(f"{name:20s} start {start:.4f}  after {f.steps} steps {end:.4f}")
@@ -567,33 +568,19 @@ def _adapter_quality(a, c, model, variables, train_data, ppl, log):
   return dict(rank=a.rank, lr=a.adapter_lr, steps=f.steps, runs=out), figs
 
 
-def _reconstruct_quality(a, c, model, variables, train_data, ppl, log):
-  batches = E.calibration_batches(c, train_data)
-  stats = capture(model, variables, batches)
-  head = [(r"params/head/kernel", dict(bits=8, group_size=None))]
-  g = c.quant.group_size
+def _reconstruct_quality(a, ctx, ppl, log):
+  """The experiment's rows (experiments.rows) at --recon-iters."""
+  c = ctx.config
+  c.reconstruct.iters = a.recon_iters
   out = {}
-
-  def row(name, build):
+  for name in ("int3_g128", "gptq_int3_g128", "adaround_int3_g128",
+               "lwc_adaround_int3_g128", "int2_g64", "lwc_adaround_int2_g64"):
+    ctx.stats  # computed once, outside the rows' clocks
     t0 = time.time()
-    tree = build()
-    out[name] = dict(ppl=ppl(tree), seconds=time.time() - t0)
-    log(f"{name:24s} {out[name]['ppl']:.4f} ({out[name]['seconds']:.0f}s)")
-
-  kw = dict(iters=a.recon_iters, rules=head)
-  row("rtn_int3_g128", lambda: E.make_transform("int3_g128", c).apply(
-      variables))
-  row("gptq_int3_g128", lambda: E.make_transform(
-      "gptq_int3_g128", c, stats).apply(variables))
-  row("adaround_int3_g128", lambda: reconstruct.reconstruct(
-      stats, 3, group_size=g, method="adaround", **kw).apply(variables))
-  row("lwc_adaround_int3_g128", lambda: reconstruct.reconstruct(
-      stats, 3, group_size=g, method="lwc+adaround", **kw).apply(variables))
-  row("rtn_int2_g64", lambda: E.make_transform("int2_g64", c).apply(
-      variables))
-  row("lwc_adaround_int2_g64", lambda: reconstruct.reconstruct(
-      stats, 2, group_size=c.quant.small_group_size, method="lwc+adaround",
-      **kw).apply(variables))
+    tree = jax.block_until_ready(rows.make(name, c).compress(ctx))
+    sec = time.time() - t0
+    out[name] = dict(ppl=ppl(tree), seconds=sec)
+    log(f"{name:24s} {out[name]['ppl']:.4f} ({sec:.0f}s)")
   best3 = min(out["adaround_int3_g128"]["ppl"],
               out["lwc_adaround_int3_g128"]["ppl"])
   figs = [
@@ -602,21 +589,22 @@ def _reconstruct_quality(a, c, model, variables, train_data, ppl, log):
              f"AdaRound {out['adaround_int3_g128']['ppl']:.3f}, LWC+AdaRound "
              f"{out['lwc_adaround_int3_g128']['ppl']:.3f} vs GPTQ "
              f"{out['gptq_int3_g128']['ppl']:.3f} (RTN "
-             f"{out['rtn_int3_g128']['ppl']:.3f})"),
+             f"{out['int3_g128']['ppl']:.3f})"),
       figure("recon_int2_over_rtn_int2_ppl",
-             out["lwc_adaround_int2_g64"]["ppl"] / out["rtn_int2_g64"]["ppl"],
+             out["lwc_adaround_int2_g64"]["ppl"] / out["int2_g64"]["ppl"],
              f"{out['lwc_adaround_int2_g64']['ppl']:.3f} vs RTN "
-             f"{out['rtn_int2_g64']['ppl']:.3f}"),
+             f"{out['int2_g64']['ppl']:.3f}"),
   ]
   return dict(iters=a.recon_iters, rows=out), figs
 
 
-def _qwix_like_tree(model, variables, c, f, train_data, seed):
+def _qwix_like_tree(ctx, f, seed):
   """qwix's QAT recipe (read from its source: dot_general_qt): the weight's
   absmax scale recomputed from the current float weight every forward (no
   gradient), round-to-nearest with an identity straight-through gradient;
-  exported by RTN of the trained weights."""
-  quant = E.make_transform("int4_g128", c)
+  exported by the int4_g128 row (RTN) of the trained weights."""
+  c, model, variables = ctx.config, ctx.model, ctx.baseline
+  quant = rows.make("int4_g128", c).build(ctx)
   # per quantized path: format, axis and group size of the RTN row
   how = {}
   for path, qa in leaves_with_paths(jax.eval_shape(quant.apply, variables)):
@@ -646,11 +634,11 @@ def _qwix_like_tree(model, variables, c, f, train_data, seed):
   return quant.apply(res.params)
 
 
-def _qat_compare(a, c, model, variables, train_data, ppl, log):
+def _qat_compare(a, ctx, ppl, log):
+  c = ctx.config
   f = _recipe(c, a.steps, c.finetune.learning_rate)
-  head = E._head_rules(c)
-  q = dict(bits=c.quant.bits, group_size=c.quant.group_size, rules=head)
-  variants = {
+  q = dict(bits=4, group_size=128, rules=rows.head_rules(ctx, 4))
+  variants = {  # (qat options, steps in log space)
       "lsq_paper": (dict(q, step_init="lsq"), False),
       "ste_fixed_ptq": (dict(q, weight="ste"), False),
       "default": (q, True),
@@ -659,7 +647,7 @@ def _qat_compare(a, c, model, variables, train_data, ppl, log):
   for i in range(a.qat_seeds):
     seed = c.seed + i
     for name, (kw, rel) in variants.items():
-      tree = qat.qat(**kw).apply(variables)
+      tree = qat.qat(**kw).apply(ctx.baseline)
       flo, rest = cj.partition_float(tree)
       opt = recipes.optimizer(f)
       if rel:
@@ -669,8 +657,7 @@ def _qat_compare(a, c, model, variables, train_data, ppl, log):
                        steps=f.steps, seed=c.seed, log_every=None,
                        tensorboard=False, progress=False)
       runs[name].append(ppl(qat.export(cj.combine(res.params, rest))))
-    runs["qwix_like"].append(ppl(_qwix_like_tree(model, variables, c, f,
-                                                 train_data, seed)))
+    runs["qwix_like"].append(ppl(_qwix_like_tree(ctx, f, seed)))
     log(f"seed {seed}: " + ", ".join(f"{k} {v[-1]:.4f}"
                                      for k, v in runs.items()))
   means = {k: float(np.mean(v)) for k, v in runs.items()}
