@@ -71,7 +71,8 @@ class Task:
   baseline: its float variables, the tree every row compresses.
   metric: the name written to results.json (e.g. "val_ppl").
   evaluate(tree) -> dict with "value" (the metric) and any extra fields.
-  calib_inputs(seed, n_batches, batch_size) -> list of model inputs.
+  calib_inputs(seed, n_batches, batch_size) -> list of model inputs (an
+    array, or a tuple of positional args, per batch).
   key: identifies the baseline (training rows key their caches with it).
   title / header: results.md's title and facts (model, data, training).
   head: regex of the output head's kernel path, or None: low-bit rows keep
@@ -79,6 +80,13 @@ class Task:
   scale_groups / rotation_plan: where AWQ/SmoothQuant scales and QuaRot
     rotations fold in this model (None: rows needing them refuse to run).
   training: what the training rows need (None: they refuse to run).
+  calibration: what calib_inputs draws (source text, tokens, padding, ...),
+    copied into the results.json record of every calibrated row.
+  capture_method: the module method `capture` runs for calibration
+    statistics (None: __call__; e.g. BERT's "pooled", so the pooler's kernel
+    sees inputs too).
+  columns: extra fields of evaluate's dict shown in results.md (e.g.
+    zero-shot accuracy next to perplexity).
   info: anything else the entry point wants back (e.g. baseline_cached).
   """
 
@@ -94,6 +102,9 @@ class Task:
   scale_groups: Any = None
   rotation_plan: Any = None
   training: Training | None = None
+  calibration: dict = dataclasses.field(default_factory=dict)
+  capture_method: Any = None
+  columns: tuple[str, ...] = ()
   info: dict = dataclasses.field(default_factory=dict)
 
 
@@ -131,7 +142,8 @@ class Context:
     """Per-layer input statistics of the float model on calib_inputs."""
     t0 = time.time()
     stats = jax.block_until_ready(
-        capture(self.model, self.baseline, self.calib_inputs))
+        capture(self.model, self.baseline, self.calib_inputs,
+                method=self.task.capture_method))
     c = self.config.calib
     self.log(f"calibration: {c.batches} x {c.batch_size} windows (seed "
              f"{c.seed}) in {time.time() - t0:.1f}s")
@@ -291,6 +303,10 @@ def safe_name(name: str) -> str:
 # The run
 # ---------------------------------------------------------------------------
 
+# Rows whose records carry the task's calibration description.
+CALIBRATED = frozenset({"stats", "calib"})
+
+
 def _compress(row, ctx: Context) -> tuple[Any, float]:
   t0 = time.time()
   compressed = jax.block_until_ready(row.compress(ctx))
@@ -298,9 +314,13 @@ def _compress(row, ctx: Context) -> tuple[Any, float]:
 
 
 def run_rows(ctx: Context, rows: Sequence[Any], *, save: bool = True,
-             overlap_training: bool = True) -> list[dict]:
+             overlap_training: bool = True,
+             on_compressed: Callable[[Any, Any, dict], None] | None = None
+             ) -> list[dict]:
   """Compresses the baseline with every row and evaluates it; returns the
   results.json rows. Writes summaries/ and checkpoints/ when `save`.
+  `on_compressed(row, tree, record)`, if given, sees every compressed tree
+  (e.g. to export one) and may add fields to its record.
 
   With overlap_training, the rows that fine-tune (needs "training") run one
   after another in a background thread from the start, alongside the
@@ -338,6 +358,10 @@ def run_rows(ctx: Context, rows: Sequence[Any], *, save: bool = True,
                  metric=task.metric, **result,
                  **measure(task.baseline, compressed),
                  seconds=round(compress_s, 3), eval_seconds=round(eval_s, 3))
+      if row.needs & CALIBRATED:
+        rec["calibration"] = dict(task.calibration)
+      if on_compressed is not None:
+        on_compressed(row, compressed, rec)
       out.append(rec)
       ctx.log(f"[{i}/{len(rows)}] {row.name:16s} {task.metric} "
               f"{rec['value']:8.3f}  bits/w {rec['bits_per_weight']:6.3f} "
@@ -358,7 +382,9 @@ def run_rows(ctx: Context, rows: Sequence[Any], *, save: bool = True,
 
 def run(config, task: Task, rows: Sequence[Any], workdir: str,
         log: Log = print, header: dict | None = None, save: bool = True,
-        overlap_training: bool = True) -> list[dict]:
+        overlap_training: bool = True,
+        on_compressed: Callable[[Any, Any, dict], None] | None = None
+        ) -> list[dict]:
   """Runs `rows` on `task` (see run_rows); writes results.json/md/png into
   workdir."""
   workdir = os.path.abspath(workdir)
@@ -367,9 +393,10 @@ def run(config, task: Task, rows: Sequence[Any], workdir: str,
     f.write(config.to_json_best_effort(indent=2, sort_keys=True))
   ctx = Context(config, task, workdir, log)
   results = run_rows(ctx, rows, save=save,
-                     overlap_training=overlap_training)
+                     overlap_training=overlap_training,
+                     on_compressed=on_compressed)
   write_results(workdir, results, task.title,
-                {**task.header, **(header or {})})
+                {**task.header, **(header or {})}, task.columns)
   return results
 
 
@@ -382,16 +409,23 @@ MD_COLUMNS = ("method", "value", "bits/w (layers)", "bits/w (model)",
 
 
 def write_results(workdir: str, rows: list[dict], title: str,
-                  header: dict) -> None:
+                  header: dict, columns: Sequence[str] = ()) -> None:
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(rows, f, indent=2)
-  write_markdown(os.path.join(workdir, "results.md"), rows, title, header)
+  write_markdown(os.path.join(workdir, "results.md"), rows, title, header,
+                 columns)
   if rows:
     write_plot(os.path.join(workdir, "results.png"), rows)
 
 
+def _cell(v) -> str:
+  return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
 def write_markdown(path: str, rows: list[dict], title: str,
-                   header: dict) -> None:
+                   header: dict, columns: Sequence[str] = ()) -> None:
+  """results.md: header facts, then one table row per result; `columns`:
+  extra result fields shown after the metric."""
   metric = rows[0]["metric"] if rows else "value"
   lines = [f"# {title}", ""]
   lines += [f"- **{k}**: {v}" for k, v in header.items()]
@@ -404,12 +438,16 @@ def write_markdown(path: str, rows: list[dict], title: str,
             "training rows include their fine-tuning unless its finished "
             "checkpoint in the workdir was reused).",
             ""]
-  lines += [f"| method | {metric.replace('_', ' ')} | bits/w (layers) "
+  extra = "".join(f" {c.replace('_', ' ')} |" for c in columns)
+  lines += [f"| method | {metric.replace('_', ' ')} |{extra} bits/w (layers) "
             "| bits/w (model) | size (KiB) | ratio | seconds | description |",
-            "|---|---:|---:|---:|---:|---:|---:|---|"]
+            "|---|---:|" + "---:|" * len(columns) + "---:|---:|---:|---:|"
+            "---:|---|"]
   for r in rows:
+    cells = "".join(f" {_cell(r.get(c, ''))} |" for c in columns)
     lines.append(
-        f"| {r['method']} | {r['value']:.3f} | {r['bits_per_weight']:.2f} | "
+        f"| {r['method']} | {r['value']:.3f} |{cells} "
+        f"{r['bits_per_weight']:.2f} | "
         f"{r['bits_per_weight_model']:.2f} | {r['size_bytes'] / 1024:.1f} | "
         f"{r['compression_ratio']:.2f}x | {r['seconds']:.2f} | "
         f"{r['description']} |")

@@ -276,6 +276,11 @@ def task(c: Config, workdir: str, log: Callable[[str], None] = print,
       training=harness.Training(
           loss=loss,
           batches=lambda bs, seed: batch_fn(train_data, seq, bs, seed)),
+      calibration=dict(
+          kind="segments", source=f"training split ({source} stdlib)",
+          tokenizer="bytes", samples=c.calib.batches * c.calib.batch_size,
+          tokens=c.calib.batches * c.calib.batch_size * seq,
+          padding_fraction=0.0, seqlen=seq, seed=c.calib.seed),
       info=dict(baseline_cached=cached, baseline_stats=stats,
                  split=split))
 

@@ -148,17 +148,22 @@ def _nm(name, n, m):
 
 def head_rules(ctx: Context, bits: int) -> list:
   """Rows below config.quant.head_bits keep the output head at head_bits,
-  per output channel (first and last layers at 8 bits is common practice;
-  the embedding is not compressed at all: the default filter excludes it)."""
+  per output channel, or float when head_bits >= 16 (first and last layers
+  at 8 bits is common practice; the embedding is not compressed at all: the
+  default filter excludes it)."""
   hb, head = ctx.config.quant.head_bits, ctx.task.head
   if not hb or bits >= hb or head is None:
     return []
+  if hb >= 16:  # the head stays float (GPTQ's protocol for LLMs)
+    return [(head, None)]
   return [(head, dict(bits=hb, format=None, group_size=None))]
 
 
 def _head_note(c, bits: int) -> str:
   hb = c.quant.head_bits
-  return f"; head int{hb} per channel" if hb and bits < hb else ""
+  if not hb or bits >= hb:
+    return ""
+  return "; head float" if hb >= 16 else f"; head int{hb} per channel"
 
 
 def sparse_rules(ctx: Context) -> list:

@@ -32,9 +32,9 @@ Writes sweep.json, sweep.md, pareto.png and TensorBoard HParams (tb/).
         --config.sweep.families=quant --config.sweep.quant.bits=2.5,3,3.5
 
 The task (model, float baseline, metric, calibration and loss batches) comes
-from `_lm_task`, today an adapter over experiments.compress_lm; it exposes
-the fields of the experiments harness's Task so any model the harness loads
-can be swept.
+from `experiments.lm_task` (the default experiment's `harness.Task`); pass
+`run_sweep(..., task=)` any other harness Task (with `training` for the loss
+proxies) to sweep another model.
 """
 
 from __future__ import annotations
@@ -48,7 +48,6 @@ import os
 import re
 import sys
 import time
-import types
 from typing import Any, Callable, Sequence
 
 from absl import app
@@ -62,7 +61,6 @@ import compressjax as cj
 from compressjax import allocate as A
 from compressjax.calibrate import capture
 from compressjax.core.tree import leaves_with_paths, materialize_tree
-from compressjax.models import transformer
 
 T = cj.transforms
 Log = Callable[[str], None]
@@ -74,64 +72,14 @@ _DEFAULT_CONFIG = os.path.join(
 
 
 # ---------------------------------------------------------------------------
-# The task (an adapter with the harness Task's fields)
+# The task: the experiments harness's Task (experiments.lm_task by default)
 # ---------------------------------------------------------------------------
 
 def _lm_task(c, workdir: str, log: Log = print):
-  """The byte-LM task of config `c`: model, baseline (trained or restored),
-  evaluate(tree) -> dict(value=ppl, ...), calib_inputs(seed, n, bs) and
-  training.loss / training.batches for the sensitivity estimators."""
-  from compressjax.data import stdlib_text
-  from experiments import compress_lm as E
-
-  train_data, val_data, split = E.load_data(c)
-  model = E.build_model(c)
-  key = E.baseline_key(c, split.digest)
-  baseline, stats, cached = E.get_baseline(c, model, train_data, key,
-                                           workdir, log)
-  seq = c.data.seq_len
-  val = [np.asarray(b) for b in stdlib_text.eval_batches(
-      val_data, seq, c.eval.batch_size, c.eval.max_batches)]
-  eval_step = E.make_eval_step(model)
-  count = sum(b.shape[0] * (b.shape[1] - 1) for b in val)
-
-  def evaluate(tree) -> dict:
-    loss = math.fsum(float(eval_step(tree, b)) for b in val) / count
-    return dict(value=math.exp(loss), val_loss=loss, eval_bytes=count)
-
-  def loss(tree, batch):
-    logits = cj.run(model, tree, batch[:, :-1])
-    return transformer.next_token_loss(logits, batch[:, 1:]).mean()
-
-  def batches(batch_size, seed):
-    it = stdlib_text.train_batches(train_data, seq, batch_size, seed=seed)
-    drawn = []
-
-    def batch_fn(step):
-      while len(drawn) <= step:
-        drawn.append(next(it))
-      return drawn[step]
-    return batch_fn
-
-  header = {
-      "model": (f"d_model {c.model.d_model}, {c.model.n_layers} layers, "
-                f"{c.model.n_heads} heads, d_mlp {c.model.d_mlp}, seq_len "
-                f"{seq}, {stats['n_params']:,} params"),
-      "training": (f"{stats['steps']} steps, final train loss "
-                   f"{stats['final_train_loss']:.3f}"
-                   + (" (cached)" if cached else "")),
-      "eval": f"{count:,} validation bytes",
-      "baseline key": key,
-  }
-  return types.SimpleNamespace(
-      model=model, baseline=baseline, metric="val_ppl", evaluate=evaluate,
-      calib_inputs=lambda seed, n, bs: [b[:, :-1] for b, _ in zip(
-          stdlib_text.train_batches(train_data, seq, bs, seed=seed),
-          range(n))],
-      key=key, title="compressjax sweep: byte-level LM on stdlib source",
-      header=header, head=r"params/head/kernel",
-      training=types.SimpleNamespace(loss=loss, batches=batches),
-      info=dict(baseline_cached=cached))
+  """The byte-LM `harness.Task` of config `c` (the default experiment's:
+  same data, model, cached baseline and perplexity evaluator)."""
+  from experiments import lm_task
+  return lm_task.task(c, workdir, log)
 
 
 # ---------------------------------------------------------------------------
@@ -638,8 +586,8 @@ def _measure(sw: Sweep, point: Point, tree) -> dict:
   from compressjax.core.base import array_nbytes
   nbytes = sum(array_nbytes(leaves[p]) for p in point.layers)
   nw = sum(math.prod(leaves[p].shape) for p in point.layers)
-  from experiments import compress_lm as E
-  m = E.measure(sw.task.baseline, tree)
+  from experiments import harness
+  m = harness.measure(sw.task.baseline, tree)
   return dict(layer_bytes=int(nbytes),
               bits_per_weight=8.0 * nbytes / max(nw, 1),
               bits_per_weight_kernels=m["bits_per_weight"],
