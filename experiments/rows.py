@@ -539,8 +539,15 @@ def _lora(name, c, rank):
 
 
 def _adapter_head(ctx: Context, bits: int) -> list:
-  # the head rule of the rows below, with the quantizer options lora takes
-  return [(p, dict(cfg, double_quant=False))
+  """head_rules with the quantizer options lora takes (a float head keeps
+  its adapter: the rule leaves the base float)."""
+  return [(p, dict(cfg or dict(bits=None, format=None, group_size=None),
+                   double_quant=False)) for p, cfg in head_rules(ctx, bits)]
+
+
+def _reconstruct_head(ctx: Context, bits: int) -> list:
+  """head_rules with the options reconstruct takes (None: the head float)."""
+  return [(p, cfg and dict(bits=cfg["bits"], group_size=None))
           for p, cfg in head_rules(ctx, bits)]
 
 
@@ -592,5 +599,4 @@ def _reconstruct(name, c, method, bits, group):
       lambda ctx: reconstruct.reconstruct(
           ctx.stats, bits, group_size=group,
           method=method.replace("_", "+"), iters=it,
-          rules=[(p, dict(bits=cfg["bits"], group_size=None))
-                 for p, cfg in head_rules(ctx, bits)]), _STATS)
+          rules=_reconstruct_head(ctx, bits)), _STATS)
