@@ -392,7 +392,7 @@ def quality_part(a, c, log) -> tuple[dict, list]:
   # the same S batches, in order, for every contender
   it = stdlib_text.train_batches(train_data, c.data.seq_len,
                                  c.train.batch_size, seed=c.seed + 1000)
-  batches = np.stack([next(it) for _ in range(S)])
+  batches = np.stack([next(it) for _ in range(S)]) if S else None
   opt = finetune_optimizer(a.lr, S)
 
   def finetune(name, loss_fn, params=None, tx=opt, state=None):
