@@ -460,8 +460,9 @@ def _float_ft(name, c):
 def _qat(name, c, bits, group):
   _bits(name, bits)
   return Row(
-      name, f"QAT (LSQ steps from the PTQ scales, learned in log space; straight-through) int{bits} g{group}, "
-      f"{_steps(c)} from the float model, exported to QArray"
+      name, f"QAT (LSQ steps from the PTQ scales, learned in log space; "
+      f"straight-through) int{bits} g{group}, {_steps(c)} from the float "
+      "model, exported to QArray"
       f"{_head_note(c, bits)}",
       lambda ctx: recipes.qat_recipe(ctx, name, bits=bits, group_size=group,
                                      rules=head_rules(ctx, bits))[0], _TRAIN)
