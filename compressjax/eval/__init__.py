@@ -11,10 +11,10 @@ tree, dense or compressed, and runs the unmodified model through `cj.run`.
     cj_eval.generate(pre, tree, ["def main("], max_new_tokens=32).texts
 """
 
-from compressjax.eval.generate import GenerationResult, Sampling, generate
+from compressjax.eval.generation import GenerationResult, Sampling, generate
 from compressjax.eval.lm import CausalLM, causal_lm
-from compressjax.eval.perplexity import PerplexityResult, perplexity
-from compressjax.eval.zeroshot import (BUILTIN_TASKS, Task, ZeroShotResult,
+from compressjax.eval.language_modeling import PerplexityResult, perplexity
+from compressjax.eval.multiple_choice import (BUILTIN_TASKS, Task, ZeroShotResult,
                                        encode_pair, load_task, loglikelihoods,
                                        zeroshot)
 

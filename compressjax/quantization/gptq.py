@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -41,33 +41,41 @@ from compressjax.core.linalg import hinv_upper
 from compressjax.core.qarray import QArray
 from compressjax.core.rules import option
 from compressjax.formats.integer import IntFormat
-from compressjax.quantization.rtn import resolve_format
+from compressjax.quantization.rtn import (_is_float_dtype, _store_scale,
+                                          resolve_format)
 from pallas_kernels import layout
 
 _HI = jax.lax.Precision.HIGHEST
 
 
-def _scale_zero(cols, fmt):
-  """Per-row scale (and zero) of a group of columns (N, g)."""
+def _scale_zero(cols, fmt, scale_dtype="float32"):
+  """Per-row scale (and zero) of a group of columns (N, g). The scale is
+  rounded to what `scale_dtype` stores (up, as RTN's `_store_scale`) before
+  any code is chosen, so the codes and error feedback use the stored scale."""
   if getattr(fmt, "symmetric", True):
     s = jnp.max(jnp.abs(cols), axis=1) / fmt.max_value
+    s = _store_scale(jnp.where(s > 0, s, 1.0), scale_dtype).astype(
+        jnp.float32)
     z = jnp.zeros_like(s)
   else:
     hi = jnp.maximum(cols.max(1), 0.)
     lo = jnp.minimum(cols.min(1), 0.)
     s = (hi - lo) / (fmt.qmax - fmt.qmin)
-    s = jnp.where(s > 0, s, 1.0)
+    s = _store_scale(jnp.where(s > 0, s, 1.0), scale_dtype).astype(
+        jnp.float32)
     z = jnp.clip(jnp.round(-lo / s), fmt.qmin, fmt.qmax)
-  return jnp.where(s > 0, s, 1.0), z
+  return s, z
 
 
 _SLAB = 16  # columns per rank-1 slab: the per-column update stays in cache
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "fmt", "group_size", "block_size", "act_order", "static_groups"))
+    "fmt", "group_size", "block_size", "act_order", "static_groups",
+    "scale_dtype"))
 def _gptq(w, h, *, fmt, group_size: int, block_size: int,
-          damp: float, act_order: bool, static_groups: bool):
+          damp: float, act_order: bool, static_groups: bool,
+          scale_dtype: str = "float32"):
   """w: the Flax kernel (K, N) in float32, so GPTQ's column j is row j here
   (contiguous). Returns (q (K, N) code values, scales (G, N), zeros (G, N))."""
   k, n = w.shape
@@ -82,7 +90,7 @@ def _gptq(w, h, *, fmt, group_size: int, block_size: int,
   ut = u.T  # lazy updates read contiguous rows
   g = k // group_size
   if static_groups:
-    s_all, z_all = jax.vmap(lambda c: _scale_zero(c.T, fmt))(
+    s_all, z_all = jax.vmap(lambda c: _scale_zero(c.T, fmt, scale_dtype))(
         w_orig.reshape(g, group_size, n))
   else:
     s_all = jnp.ones((g, n)); z_all = jnp.zeros((g, n))
@@ -102,7 +110,7 @@ def _gptq(w, h, *, fmt, group_size: int, block_size: int,
       if not static_groups:  # a group starts here: scales from updated W
         grp = (i1 + s0) // group_size
         cols = jax.lax.dynamic_slice_in_dim(w1, s0, min(group_size, nb), 0)
-        s_new, z_new = _scale_zero(cols.T, fmt)
+        s_new, z_new = _scale_zero(cols.T, fmt, scale_dtype)
         start = (i1 + s0) % group_size == 0
         s_all = jnp.where(start, s_all.at[grp].set(s_new), s_all)
         z_all = jnp.where(start, z_all.at[grp].set(z_new), z_all)
@@ -147,12 +155,16 @@ def gptq_quantize(w, hessian, *, bits: int = 4, format: str | None = None,
                   group_size: int | None = None,
                   symmetric: bool = True, block_size: int = 128,
                   damp: float = 0.01, act_order: bool = False,
-                  static_groups: bool = False, path: str = "<array>") -> QArray:
-  """GPTQ of a Flax kernel w (K_in, N_out) given H (K_in x K_in)."""
+                  static_groups: bool = False, scale_dtype: Any = jnp.float32,
+                  path: str = "<array>") -> QArray:
+  """GPTQ of a Flax kernel w (K_in, N_out) given H (K_in x K_in). Scales are
+  stored in `scale_dtype` (float16: exactly what a GPTQ checkpoint holds,
+  see `models.gptq_export`)."""
   w = jnp.asarray(w)
   GptqOptions(bits=bits, format=format, group_size=group_size,
               symmetric=symmetric, block_size=block_size, damp=damp,
-              act_order=act_order, static_groups=static_groups)
+              act_order=act_order, static_groups=static_groups,
+              scale_dtype=scale_dtype)
   if w.ndim != 2:
     raise CompressionError("GPTQ needs a 2-D kernel (in, out)", path)
   k, n = w.shape
@@ -177,10 +189,10 @@ def gptq_quantize(w, hessian, *, bits: int = 4, format: str | None = None,
   q, s, z = _gptq(jnp.asarray(w, jnp.float32),
                   jnp.asarray(hessian, jnp.float32), fmt=fmt, group_size=gs,
                   block_size=bs, damp=float(damp), act_order=act_order,
-                  static_groups=static)
+                  static_groups=static, scale_dtype=jnp.dtype(scale_dtype).name)
   stored = fmt.encode(q)
   codes = layout.pack(stored, fmt.bits, 0) if fmt.bits < 8 else stored
-  return QArray(codes=codes, scale=s.astype(jnp.float32),
+  return QArray(codes=codes, scale=s.astype(scale_dtype),
                 zero=None if getattr(fmt, "symmetric", True) else z.astype(
                     jnp.uint8),
                 shape=(k, n), dtype=jnp.dtype(w.dtype).name, fmt=fmt, axis=0)
@@ -204,6 +216,8 @@ class GptqOptions(rules_lib.Options):
                        **rules_lib.interval(0))
   act_order: bool = option(False, "process columns by diag(H) descending")
   static_groups: bool = option(False, "group scales from the original W")
+  scale_dtype: Any = option(jnp.float32, "dtype the scales are stored in",
+                            check=_is_float_dtype, must="be a float dtype")
 
 
 @transform_lib.builder(GptqOptions, positional=("bits",))

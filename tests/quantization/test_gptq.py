@@ -94,3 +94,37 @@ def test_gptq_with_other_formats(fmt):
   r = quantize_array(w, format=fmt, group_size=32)
   err = lambda a: float(jnp.linalg.norm(x @ (w - a.materialize())))
   assert err(q) < err(r)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_float16_scales_are_stored_and_used(symmetric):
+  # Codes are chosen against the float16 scale itself, so the QArray holds
+  # float16 scales (exact in a GPTQ checkpoint) and equals (q - z) * s16.
+  x, w, h = _data(k=64, n=16, seed=3)
+  q = gptq_quantize(w, h, bits=4, group_size=16, block_size=32,
+                    symmetric=symmetric, scale_dtype=jnp.float16)
+  q32 = gptq_quantize(w, h, bits=4, group_size=16, block_size=32,
+                      symmetric=symmetric)
+  q.validate()
+  assert q.scale.dtype == jnp.float16 and q32.scale.dtype == jnp.float32
+  s16 = np.asarray(q.scale, np.float64)
+  codes = np.asarray(q.fmt.decode(q.stored_codes()), np.float64)
+  z = 0 if q.zero is None else np.asarray(q.zero, np.float64)
+  ref = (np.repeat(codes.reshape(4, 16, 16) - np.asarray(z).reshape(
+      -1, 1, 16) if q.zero is not None else codes.reshape(4, 16, 16), 1, 0)
+         * s16[:, None, :]).reshape(64, 16)
+  np.testing.assert_allclose(np.asarray(q.materialize(), np.float64), ref,
+                             rtol=1e-6, atol=1e-6)
+  # The first group's scale comes from the original W in both runs: the
+  # float16 one is the float32 one rounded up (RTN's convention).
+  s32 = np.asarray(q32.scale, np.float64)[0]
+  assert np.all(s16[0] >= s32) and np.all(s16[0] - s32 <= s32 * 2.0**-10)
+  err = lambda a: float(jnp.linalg.norm(x @ (w - a.materialize())))
+  assert abs(err(q) - err(q32)) < 0.05 * err(q32)
+  assert err(q) < 0.8 * err(quantize_array(w, 4, group_size=16,
+                                           symmetric=symmetric))
+
+
+def test_gptq_transform_takes_scale_dtype():
+  with pytest.raises(cj.CompressionError, match="scale_dtype"):
+    gptq({}, 4, scale_dtype=jnp.int8)

@@ -3,19 +3,15 @@ NLL over every predicted token) against a float64 numpy reference computed
 window by window from plain `module.apply` logits; batching with a padded
 last batch changes nothing; the byte LM; compressed trees; errors."""
 
-import importlib
-
 import numpy as np
 import pytest
 
 import compressjax as cj
 from compressjax.core.errors import CompressionError
+from compressjax.eval import language_modeling as ppl_lib
 from compressjax.eval import perplexity
 from compressjax.models import bert
 from tests.eval import fixtures
-
-# the module (compressjax.eval.perplexity is the function it re-exports)
-ppl_lib = importlib.import_module("compressjax.eval.perplexity")
 
 
 def reference_nll(module, variables, ids, seqlen):

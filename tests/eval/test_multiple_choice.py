@@ -13,7 +13,7 @@ import pytest
 import compressjax as cj
 from compressjax.core.errors import CompressionError
 from compressjax.eval import encode_pair, load_task, zeroshot
-from compressjax.eval.zeroshot import BUILTIN_TASKS, mean_stderr
+from compressjax.eval.multiple_choice import BUILTIN_TASKS, mean_stderr
 from tests.eval import fixtures
 
 ITEMS = [

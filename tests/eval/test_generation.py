@@ -12,7 +12,7 @@ import pytest
 import compressjax as cj
 from compressjax.core.errors import CompressionError
 from compressjax.eval import Sampling, generate
-from compressjax.eval.generate import choose, filter_logits
+from compressjax.eval.generation import choose, filter_logits
 from tests.eval import fixtures
 
 
