@@ -17,8 +17,17 @@ nothing): causal-free random block masks at 100/50/25/10% density, the kernel
 vs the same kernel on a full mask (dense flash) and vs
 `jax.nn.dot_product_attention`; goal: time <= 1.2 x density x dense time.
 
+The default LM (`--lm`, configs/default.py: d_model 128, 4 layers, d_mlp
+512, seq_len 128) at batch 16: the whole forward through `compressjax.run`
+on a quantized tree (int8 per channel, int4 / nf4 groups of 128, fp8_e4m3,
+mxfp4) vs the float forward, and each of its kernel shapes as one matmul
+(x (16*128, K) @ W (K, N), as `run` dispatches it) vs the float matmul. All
+variants of one comparison are timed in the same process, interleaved (one
+call of each per round, medians over rounds), so drift hits them alike.
+
   python bench/kernels.py [--sizes 4096,8192] [--batches 1,16,256]
                           [--repeats 20] [--skip-attention] [--json out.json]
+  python bench/kernels.py --lm [--lm-batch 16] [--repeats 20]
 """
 
 from __future__ import annotations
@@ -26,6 +35,10 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
+import statistics
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -175,6 +188,102 @@ def bench_attention(a, rows):
           f"{t / t_xla:5.2f}")
 
 
+LM_FORMATS = {  # name -> cj.quantize options
+    "int8": dict(bits=8),
+    "int4_g128": dict(bits=4, group_size=128),
+    "nf4_g128": dict(format="nf4", group_size=128),
+    "fp8_e4m3": dict(format="fp8_e4m3"),
+    "mxfp4": dict(format="mxfp4"),
+}
+
+
+def interleaved_medians(fns: dict, args: dict, repeats: int) -> dict:
+  """Median seconds of each fns[name](*args[name]), one call of each per
+  round (after two warm-up rounds), so they share the machine's drift."""
+  for _ in range(2):
+    for n, f in fns.items():
+      jax.block_until_ready(f(*args[n]))
+  ts = {n: [] for n in fns}
+  for _ in range(repeats):
+    for n, f in fns.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(f(*args[n]))
+      ts[n].append(time.perf_counter() - t0)
+  return {n: statistics.median(v) for n, v in ts.items()}
+
+
+def bench_lm(a, rows):
+  """The default LM's forward and kernel shapes at batch a.lm_batch."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  sys.path.insert(0, root)
+  import compressjax as cj
+  from compressjax.core.tree import leaves_with_paths
+  from compressjax.models import transformer
+  from configs import default
+
+  c = default.get_config()
+  model = transformer.TransformerLM(
+      transformer.TransformerConfig.from_dict(c.model.to_dict()))
+  seq = c.data.seq_len
+  tokens = jax.random.randint(jax.random.key(0), (a.lm_batch, seq), 0, 256)
+  params = jax.jit(model.init)(jax.random.key(1), tokens[:1])
+  fwd = {"float": jax.jit(model.apply)}
+  args = {"float": (params, tokens)}
+  trees = {}
+  for name, kw in LM_FORMATS.items():
+    trees[name] = cj.quantize(params, **kw)
+    fwd[name] = jax.jit(functools.partial(cj.run, model))
+    args[name] = (trees[name], tokens)
+    # the same forward with every weight scanned in K blocks (the path for
+    # weights above xla_matmul.DENSE_TILE_BYTES), compiled ahead of time
+    saved = xla_matmul.DENSE_TILE_BYTES
+    xla_matmul.DENSE_TILE_BYTES = 0
+    try:
+      fwd[name + "/scan"] = jax.jit(functools.partial(cj.run, model)).lower(
+          *args[name]).compile()
+    finally:
+      xla_matmul.DENSE_TILE_BYTES = saved
+    args[name + "/scan"] = args[name]
+  t = interleaved_medians(fwd, args, a.repeats)
+  print(f"default LM forward, batch {a.lm_batch} x seq {seq} (cj.run vs "
+        f"float jit, medians of {a.repeats} interleaved):")
+  print(f"  float {t['float'] * 1e3:8.3f} ms")
+  for name in [n for n in fwd if n != "float"]:
+    r = t[name] / t["float"]
+    rows.append(dict(kind="lm_forward", format=name, batch=a.lm_batch,
+                     ms=t[name] * 1e3, float_ms=t["float"] * 1e3, ratio=r))
+    print(f"  {name:10s} {t[name] * 1e3:8.3f} ms  ratio {r:5.2f}")
+  # each distinct kernel shape once, as run dispatches it: x @ W
+  shapes = sorted({tuple(x.shape) for p, x in leaves_with_paths(params)
+                   if getattr(x, "ndim", 0) == 2 and "embed" not in p})
+  m = a.lm_batch * seq
+  mm = lambda tree, x: x @ tree["w"]  # noqa: E731
+  print(f"kernel shapes (x ({m}, K) @ W (K, N), cj.run vs float jnp.dot):")
+  for k, n in shapes:
+    w = jax.random.normal(jax.random.key(k * 7 + n), (k, n)) / np.sqrt(k)
+    x = jax.random.normal(jax.random.key(2), (m, k))
+    fns = {"float": jax.jit(mm)}
+    fargs = {"float": ({"w": w}, x)}
+    for name, kw in LM_FORMATS.items():
+      try:
+        q = cj.quantize({"w": w}, default=lambda p, l: True, **kw)
+      except cj.CompressionError as e:  # e.g. blocks that do not divide K
+        print(f"  ({k}, {n}) {name}: skipped ({e})")
+        continue
+      fns[name] = jax.jit(functools.partial(cj.run, mm))
+      fargs[name] = (q, x)
+    t = interleaved_medians(fns, fargs, a.repeats)
+    line = ", ".join(f"{nm} {t[nm] / t['float']:4.2f}" for nm in t
+                     if nm != "float")
+    print(f"  ({k:4d}, {n:4d}) float {t['float'] * 1e3:7.3f} ms; ratios "
+          f"{line}")
+    for nm in t:
+      if nm != "float":
+        rows.append(dict(kind="lm_matmul", format=nm, m=m, k=k, n=n,
+                         ms=t[nm] * 1e3, float_ms=t["float"] * 1e3,
+                         ratio=t[nm] / t["float"]))
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--sizes", default="4096,8192")
@@ -183,6 +292,9 @@ def main():
   ap.add_argument("--seq", type=int, default=4096)
   ap.add_argument("--skip-attention", action="store_true")
   ap.add_argument("--json", default=None)
+  ap.add_argument("--lm", action="store_true",
+                  help="only the default LM's forward and kernel shapes")
+  ap.add_argument("--lm-batch", type=int, default=16)
   a = ap.parse_args()
   a.sizes = [int(s) for s in a.sizes.split(",")]
   a.batches = [int(s) for s in a.batches.split(",")]
@@ -190,7 +302,9 @@ def main():
   print(f"backend {backend}: {jax.devices()[0].device_kind}; jax "
         f"{jax.__version__}; medians of {a.repeats}")
   rows = []
-  if backend == "cpu":
+  if a.lm:
+    bench_lm(a, rows)
+  elif backend == "cpu":
     bench_matmul_cpu(a, rows)
     print("attention: Pallas runs only in interpret mode on CPU; "
           "not measured")

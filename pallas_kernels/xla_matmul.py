@@ -89,6 +89,23 @@ def _values(stored, offset: int, lut):
   return stored.astype(jnp.float32) + offset
 
 
+# A float weight this small is dequantized whole, in cache, and one dot
+# reads x untouched: the scan's per-block copies of x cost more than the
+# dequantization at such sizes (default LM, batch 16: 128x512 int4 went from
+# slower than float to about float's time; bench/kernels.py --lm).
+DENSE_TILE_BYTES = 1 << 20
+
+
+def _whole_tile(x, codes, scale, zero, *, bits, k, offset, lut, out_dtype):
+  """One (K, N) dequantized tile, then one dot (reference.py's definition)."""
+  w = _values(layout.unpack(codes, bits, k, 0), offset, lut)
+  if zero is not None:
+    w = w - _expand(zero.astype(jnp.float32), k)
+  w = w * _expand(scale.astype(jnp.float32), k)
+  y = jnp.dot(x.reshape(-1, k).astype(jnp.float32), w)
+  return y.reshape(x.shape[:-1] + (w.shape[-1],)).astype(out_dtype)
+
+
 def quantized_matmul(x, codes, scale, zero=None, *, bits: int, k: int,
                      offset: int = 0, lut=None, out_dtype=None,
                      block: int | None = None):
@@ -104,6 +121,9 @@ def quantized_matmul(x, codes, scale, zero=None, *, bits: int, k: int,
     raise ValueError(f"{g} scale groups do not divide K={k}")
   if lut is not None:
     lut = jnp.asarray(lut, jnp.float32)
+  if block is None and k * n * 4 <= DENSE_TILE_BYTES:
+    return _whole_tile(x, codes, scale, zero, bits=bits, k=k, offset=offset,
+                       lut=lut, out_dtype=out_dtype)
   unit = _rows_per_byte_unit(bits)
   # odd groups: a nibble pair (one byte) would straddle two groups
   nibbles = bits == 4 and group % 2 == 0

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from compressjax.core import hadamard
-from compressjax.core.base import (CompressedLeaf, compressed_leaf,
+from compressjax.core.base import (CompressedLeaf, compressed_leaf, describe,
                                    is_concrete, materialize)
 
 ACT_FORMATS = (None, "int8", "fp8_e4m3", "fp8_e5m2")
@@ -43,6 +43,19 @@ class InputTransform(CompressedLeaf):
   act: str | None
   shape: tuple[int, ...]
   dtype: str
+
+  @property
+  def sparsity(self) -> float:
+    return getattr(self.weight, "sparsity", 0.0)
+
+  def describe(self) -> str:
+    parts = (["x*s"] if self.scale is not None else []) + (
+        [f"hadamard{self.block}"] if self.signs is not None else []) + (
+            [f"a:{self.act}"] if self.act else [])
+    return f"{describe(self.weight)} [{', '.join(parts)}]"
+
+  def _targets(self, op):
+    return {"weight": True}  # the (transformed) weight is compressed
 
   def transform_input(self, x):
     """The float part of the input transform (scale, then rotation)."""

@@ -13,13 +13,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from compressjax.core.base import CompressedLeaf, compressed_leaf, materialize
+from compressjax.core.base import (CompressedLeaf, Stage, compressed_leaf,
+                                   describe, materialize)
+from compressjax.core.errors import CompressionError
 
 
 @compressed_leaf
 class LowRank(CompressedLeaf):
   data_fields = ("a", "b", "residual")
   meta_fields = ("shape", "dtype")
+  stage = Stage.FACTORIZE
 
   a: Any
   b: Any
@@ -30,6 +33,24 @@ class LowRank(CompressedLeaf):
   @property
   def rank(self) -> int:
     return self.a.shape[-1]
+
+  @property
+  def sparsity(self) -> float:
+    return 0.0 if self.residual is None else getattr(
+        self.residual, "sparsity", 0.0)
+
+  def describe(self) -> str:
+    s = f"rank {self.rank}"
+    return s if self.residual is None else f"{s} + {describe(self.residual)}"
+
+  def _targets(self, op):
+    if self.residual is not None:
+      return {"residual": True}
+    if op == Stage.SPARSIFY:
+      raise CompressionError(
+          "low-rank param has no residual to sparsify; factorize with "
+          "residual=True, or sparsify before factorizing")
+    return {"a": False, "b": False}  # quantize both factors
 
   @property
   def matrix_shape(self) -> tuple[int, int]:

@@ -16,12 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from compressjax.core import base
 from compressjax.core.base import CompressedLeaf, array_nbytes, materialize
-from compressjax.core.codebook import CodebookArray
-from compressjax.core.input_transform import InputTransform
-from compressjax.core.lowrank import LowRank
-from compressjax.core.qarray import QArray
-from compressjax.core.sparse import NMSparseArray, SparseArray
+from compressjax.core.errors import TreeMismatchError
 from compressjax.core.tree import leaves_with_paths
 
 
@@ -45,42 +42,13 @@ def compression_ratio(original: Any, compressed: Any) -> float:
 
 
 def describe(leaf: Any) -> str:
-  """Short format string, nested: e.g. 'nm2:4(int4 g128)'."""
-  if isinstance(leaf, QArray):
-    g = {"tensor": "t", "channel": "c"}.get(leaf.granularity,
-                                           f"g{leaf.group_size}")
-    return f"{leaf.fmt.name} {g}"
-  if isinstance(leaf, CodebookArray):
-    return f"codebook{leaf.bits} x{leaf.groups}"
-  if isinstance(leaf, NMSparseArray):
-    inner = describe(leaf.values)
-    return f"{leaf.n}:{leaf.m}" + (f"({inner})" if inner != "dense" else "")
-  if isinstance(leaf, SparseArray):
-    inner = describe(leaf.values)
-    return f"{leaf.pattern} {leaf.sparsity:.0%}" + (
-        f"({inner})" if inner != "dense" else "")
-  if isinstance(leaf, LowRank):
-    s = f"rank {leaf.rank}"
-    if leaf.residual is not None:
-      s += f" + {describe(leaf.residual)}"
-    return s
-  if isinstance(leaf, InputTransform):
-    parts = (["x*s"] if leaf.scale is not None else []) + (
-        [f"hadamard{leaf.block}"] if leaf.signs is not None else []) + (
-            [f"a:{leaf.act}"] if leaf.act else [])
-    return f"{describe(leaf.weight)} [{', '.join(parts)}]"
-  return "dense"
+  """Short format string, nested: e.g. '2:4(int4 g128)' (the leaf's own)."""
+  return base.describe(leaf)
 
 
 def sparsity(leaf: Any) -> float:
   """Structural sparsity (fraction of elements not stored)."""
-  if isinstance(leaf, (SparseArray, NMSparseArray)):
-    return leaf.sparsity
-  if isinstance(leaf, LowRank) and leaf.residual is not None:
-    return sparsity(leaf.residual)
-  if isinstance(leaf, InputTransform):
-    return sparsity(leaf.weight)
-  return 0.0
+  return leaf.sparsity if isinstance(leaf, CompressedLeaf) else 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,27 +77,42 @@ def _rel_error(w, w_hat) -> float:
 
 def layer_report(original: Any, compressed: Any,
                  errors: bool = True) -> list[LayerReport]:
-  """Per-param figures for every leaf of `compressed` (matched by path)."""
+  """Per-param figures for every leaf of `compressed` (matched by path with
+  the same shape in `original`, the tree it was compressed from)."""
   orig = dict(leaves_with_paths(original))
   rows = []
   for path, leaf in leaves_with_paths(compressed):
     if not hasattr(leaf, "shape"):
       continue
     w = orig.get(path)
-    ob = array_nbytes(w) if w is not None else math.prod(leaf.shape) * np.dtype(
-        leaf.dtype).itemsize
-    err = None
-    if errors and w is not None and isinstance(leaf, CompressedLeaf):
-      err = _rel_error(materialize(w), leaf.materialize())
-    elif w is not None:
-      err = 0.0
+    if w is None or tuple(getattr(w, "shape", ())) != tuple(leaf.shape):
+      what = ("has no param at this path" if w is None else
+              f"has shape {tuple(getattr(w, 'shape', ()))} here, the "
+              f"compressed tree {tuple(leaf.shape)}")
+      raise TreeMismatchError(
+          f"the original tree {what}: summary/layer_report compare a "
+          "compressed tree with the tree it was compressed from; pass that "
+          "tree (the same structure, e.g. both NNX states or both linen "
+          "variable dicts)", path)
+    ob = array_nbytes(w)
+    err = 0.0
+    if isinstance(leaf, CompressedLeaf):
+      err = _rel_error(materialize(w), leaf.materialize()) if errors else None
     rows.append(LayerReport(
         path=path, format=describe(leaf), shape=tuple(leaf.shape),
         orig_bytes=int(ob), bytes=int(array_nbytes(leaf)),
         bits_per_weight=8.0 * array_nbytes(leaf) / max(math.prod(leaf.shape), 1),
         sparsity=sparsity(leaf),
-        rank=leaf.rank if isinstance(leaf, LowRank) else None,
+        rank=leaf.rank if isinstance(leaf, CompressedLeaf) else None,
         rel_error=err))
+  seen = {r.path for r in rows}
+  extra = [p for p, w in orig.items() if hasattr(w, "shape") and p not in seen]
+  if extra:
+    raise TreeMismatchError(
+        "the compressed tree has no param at this path, the original has: "
+        "summary/layer_report compare a compressed tree with the tree it was "
+        "compressed from; pass trees of the same structure",
+        extra[0])
   return rows
 
 

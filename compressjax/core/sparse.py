@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import layout
-from compressjax.core.base import (CompressedLeaf, compressed_leaf, is_concrete,
-                                   materialize)
+from compressjax.core.base import (CompressedLeaf, Stage, compressed_leaf,
+                                   is_concrete, materialize, nested)
 
 
 def index_bits(m: int) -> int:
@@ -55,6 +55,7 @@ class SparseArray(CompressedLeaf):
 
   data_fields = ("values", "mask")
   meta_fields = ("shape", "dtype", "block", "pattern")
+  stage = Stage.SPARSIFY
 
   values: Any
   mask: Any
@@ -74,6 +75,13 @@ class SparseArray(CompressedLeaf):
   @property
   def sparsity(self) -> float:
     return 1.0 - self.num_kept / max(self.size, 1)
+
+  def describe(self) -> str:
+    return nested(f"{self.pattern} {self.sparsity:.0%}", self.values)
+
+  def _targets(self, op):
+    # the kept values are a flat list: the array's axes do not apply to them
+    return {"values": False}
 
   def block_mask(self):
     n = math.prod(self.grid)
@@ -119,6 +127,7 @@ class NMSparseArray(CompressedLeaf):
 
   data_fields = ("values", "indices")
   meta_fields = ("shape", "dtype", "n", "m", "axis")
+  stage = Stage.SPARSIFY
 
   values: Any
   indices: Any
@@ -131,6 +140,13 @@ class NMSparseArray(CompressedLeaf):
   @property
   def sparsity(self) -> float:
     return 1.0 - self.n / self.m
+
+  def describe(self) -> str:
+    return nested(f"{self.n}:{self.m}", self.values)
+
+  def _targets(self, op):
+    # values keep every axis (the run axis shrunk by N/M)
+    return {"values": True}
 
   @property
   def kept_shape(self) -> tuple[int, ...]:

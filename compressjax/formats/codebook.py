@@ -1,22 +1,27 @@
 """Codebook quantization fitted by Lloyd's algorithm (1-D k-means).
 
-For each group (per tensor, or groups of `group_size` consecutive slices along
-the input axis) the 2^bits centroids minimize sum_i (w_i - c(w_i))^2 (Lloyd
-1982, Least squares quantization in PCM): start from evenly spaced quantiles,
-then alternate nearest-centroid assignment and centroid = mean of its members
-(an empty cell keeps its centroid), ending on a centroid update so the stored
-centroids are the exact means of their members. No step increases the error.
-Result: a `CodebookArray` (indices packed at `bits`, codebook in `codebook_dtype`).
+For each group (per tensor, or groups of `group_size` consecutive rows of the
+(K, N) matrix over the contraction axes) the 2^bits centroids minimize
+sum_i (w_i - c(w_i))^2 (Lloyd 1982, Least squares quantization in PCM): start
+from evenly spaced quantiles, then alternate nearest-centroid assignment and
+centroid = mean of its members (an empty cell keeps its centroid), ending on a
+centroid update so the stored centroids are the exact means of their members.
+No step increases the error. Result: a `CodebookArray` (indices packed at
+`bits`, codebook in `codebook_dtype`). `CodebookFormat` is the scheme object.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from compressjax.core.codebook import CodebookArray
+from compressjax.core.contraction import MatrixLayout, normalize_contract
+from compressjax.core.errors import CompressionError
+from compressjax.core.format import Capabilities, Format, register_format
 from pallas_kernels import layout
 
 
@@ -42,17 +47,46 @@ def lloyd(x, k: int, iters: int = 30):
   return means(c, a), a
 
 
+@register_format
+@dataclasses.dataclass(frozen=True)
+class CodebookFormat(Format):
+  """Lloyd-fitted codebook of 2^bits entries per group (a CodebookArray)."""
+
+  kind = "codebook"
+  bits: int = 3
+  capabilities = Capabilities(groups=True)
+
+  def __post_init__(self):
+    if not isinstance(self.bits, int) or not 1 <= self.bits <= 8:
+      raise CompressionError(f"codebook bits must be in [1, 8], got "
+                             f"{self.bits}")
+
+  @property
+  def name(self) -> str:
+    return f"codebook{self.bits}"
+
+  @property
+  def storage_dtype(self):
+    return jnp.uint8
+
+  def quantize(self, w, *, contract, group_size=None, per_tensor=False,
+               scale_dtype=None, key=None) -> CodebookArray:
+    return quantize_codebook(w, self.bits, group_size=group_size,
+                             axis=contract)
+
+
 def quantize_codebook(w, bits: int = 3, *, group_size: int | None = None,
-                      axis: int = 0, iters: int = 30,
+                      axis=None, iters: int = 30,
                       codebook_dtype: Any = jnp.float32) -> CodebookArray:
+  """Codebooks per group of `group_size` rows along the contraction `axis`
+  (an int or tuple; default `core.contraction.default_contract`)."""
   w = jnp.asarray(w)
-  x = jnp.moveaxis(w.astype(jnp.float32), axis, 0)
-  n = x.shape[0]
-  g = 1 if group_size is None else n // group_size
-  flat = x.reshape(g, -1)
-  cb, idx = jax.vmap(lambda v: lloyd(v, 2**bits, iters))(flat)
-  cb = cb.astype(codebook_dtype)
-  idx = jnp.moveaxis(idx.reshape(x.shape), 0, axis).astype(jnp.uint8)
-  return CodebookArray(indices=layout.pack(idx, bits, axis), codebook=cb,
+  lay = MatrixLayout(tuple(w.shape), normalize_contract(axis, w.shape))
+  x = lay.to_matrix(w.astype(jnp.float32))
+  g = 1 if group_size is None else lay.k // group_size
+  cb, idx = jax.vmap(lambda v: lloyd(v, 2**bits, iters))(x.reshape(g, -1))
+  idx = idx.reshape(lay.k, lay.n).astype(jnp.uint8)
+  return CodebookArray(indices=layout.pack(idx, bits, 0),
+                       codebook=cb.astype(codebook_dtype),
                        shape=tuple(w.shape), dtype=jnp.dtype(w.dtype).name,
-                       bits=bits, axis=axis)
+                       bits=bits, contract=lay.contract)

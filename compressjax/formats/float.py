@@ -23,8 +23,10 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from compressjax.core.format import Format, register_format
+from compressjax.core.errors import CompressionError
+from compressjax.core.format import Capabilities, KernelDecode, register_format
 from compressjax.formats.rounding import stochastic_index
+from compressjax.formats.scaled import ScaledFormat, nonzero_scale
 
 ELEMENTS = {  # name -> (bits, ml_dtypes type, XLA has it)
     "e4m3fn": (8, ml_dtypes.float8_e4m3fn, True),
@@ -44,14 +46,18 @@ def value_table(element: str) -> np.ndarray:
 
 @register_format
 @dataclasses.dataclass(frozen=True)
-class FloatFormat(Format):
+class FloatFormat(ScaledFormat):
+  """Float elements times a per-group float scale s = max|w| / max_value."""
+
   kind = "float"
   element: str = "e4m3fn"
+  capabilities = Capabilities(groups=True, calibrated=True, qat=True,
+                              float_scale=True)
 
   def __post_init__(self):
     if self.element not in ELEMENTS:
-      raise ValueError(f"unknown float element {self.element!r}; use one of "
-                       f"{sorted(ELEMENTS)}")
+      raise CompressionError(f"unknown float element {self.element!r}; use "
+                             f"one of {sorted(ELEMENTS)}")
 
   @property
   def bits(self) -> int:
@@ -69,6 +75,21 @@ class FloatFormat(Format):
   @property
   def storage_dtype(self):
     return jnp.uint8
+
+  @property
+  def code_range(self) -> tuple[float, float]:
+    return -self.max_value, self.max_value
+
+  def scale_zero(self, x, reduce, store=lambda s: s):
+    return store(nonzero_scale(reduce(jnp.abs(x), jnp.max) /
+                               self.max_value)), None
+
+  def kernel_decode(self) -> KernelDecode:
+    bits, dt, xla = ELEMENTS[self.element]
+    if bits == 8 and xla:  # the stored byte is the XLA float8 bit pattern
+      return KernelDecode(float8=jnp.dtype(dt).name)
+    return KernelDecode(table=tuple(float(v) for v in value_table(
+        self.element)))
 
   @property
   def _magnitudes(self) -> np.ndarray:

@@ -21,8 +21,10 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from compressjax.core.format import Format, register_format
+from compressjax.core.errors import CompressionError
+from compressjax.core.format import Capabilities, KernelDecode, register_format
 from compressjax.formats.rounding import stochastic_index
+from compressjax.formats.scaled import ScaledFormat, nonzero_scale
 
 NF4_LEVELS = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -32,20 +34,53 @@ NF4_LEVELS = (
     0.7229568362236023, 1.0)
 
 
+SCALE_RULES = ("absmax", "mean_abs", "twn")
+
+
 @register_format
 @dataclasses.dataclass(frozen=True)
-class LevelsFormat(Format):
+class LevelsFormat(ScaledFormat):
   kind = "levels"
   name: str = "ternary"
   levels: tuple[float, ...] = (-1.0, 0.0, 1.0)
   scale_rule: str = "absmax"
 
   def __post_init__(self):
-    lv = np.asarray(self.levels)
+    lv = np.asarray(self.levels, np.float64)
     if lv.ndim != 1 or lv.size < 2 or np.any(np.diff(lv) <= 0):
-      raise ValueError("levels must be strictly increasing, at least two")
-    if self.scale_rule not in ("absmax", "mean_abs", "twn"):
-      raise ValueError(f"unknown scale rule {self.scale_rule!r}")
+      raise CompressionError("levels must be strictly increasing, at least "
+                             "two")
+    if lv.size > 256:
+      raise CompressionError(f"at most 256 levels fit 8 bits, got {lv.size}")
+    if self.scale_rule not in SCALE_RULES:
+      raise CompressionError(f"unknown scale rule {self.scale_rule!r}; use "
+                             f"one of {SCALE_RULES}")
+    # a tuple of floats whatever came in (a JSON list): hashable metadata
+    object.__setattr__(self, "levels", tuple(float(v) for v in lv))
+
+  @property
+  def capabilities(self) -> Capabilities:
+    # GPTQ / SparseGPT recompute an absmax scale per group from updated
+    # weights; the mean-based rules are defined on the original weights.
+    return Capabilities(groups=True, calibrated=self.scale_rule == "absmax",
+                        qat=True, float_scale=True)
+
+  @property
+  def code_range(self) -> tuple[float, float]:
+    return float(min(self.levels)), float(max(self.levels))
+
+  def scale_zero(self, x, reduce, store=lambda s: s):
+    a = jnp.abs(x)
+    if self.scale_rule == "absmax":
+      s = reduce(a, jnp.max) / self.max_value
+    else:
+      s = reduce(a, jnp.mean) * (1.4 if self.scale_rule == "twn" else 1.0)
+    return store(nonzero_scale(s)), None
+
+  def kernel_decode(self) -> KernelDecode:
+    # codes past the last level never occur; the table still has 2**bits
+    pad = (0.0,) * (2**self.bits - len(self.levels))
+    return KernelDecode(table=self.levels + pad)
 
   @property
   def bits(self) -> int:

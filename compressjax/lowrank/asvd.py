@@ -40,11 +40,10 @@ import numpy as np
 
 from compressjax.core import transform as transform_lib
 from compressjax.core.errors import CompressionError
+from compressjax.core.base import CompressedLeaf, Stage, inner_arrays
 from compressjax.core.lowrank import LowRank
-from compressjax.core.qarray import QArray
 from compressjax.core import rules as rules_lib
 from compressjax.core.rules import option
-from compressjax.core.sparse import NMSparseArray, SparseArray
 from compressjax.lowrank.svd import (LowRankOptions, check_lowrank_config,
                                      choose_rank, matrix_shape)
 
@@ -119,10 +118,13 @@ def layer_stats(stats: Mapping[str, Any], path: str):
 
 
 def reject_compressed(path: str, leaf) -> None:
-  if isinstance(leaf, (QArray, SparseArray, NMSparseArray, LowRank)):
-    raise CompressionError(f"cannot factorize a {type(leaf).__name__}: apply "
-                           "the low-rank transform first, then quantize or "
-                           "sparsify", path)
+  """Calibrated factorizations take float kernels: the leaf type says why
+  factorizing cannot follow it, wrappers are refused here."""
+  if isinstance(leaf, CompressedLeaf):
+    list(inner_arrays(leaf, Stage.FACTORIZE, path))
+    raise CompressionError(f"cannot factorize a {type(leaf).__name__}: "
+                           "calibrated factorization needs the float kernel; "
+                           "apply it first", path)
 
 
 @rules_lib.options

@@ -20,11 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from compressjax.core.errors import CompressionError
+from compressjax.core.base import Stage, compress_inside, inner_arrays
 from compressjax.core.lowrank import LowRank
-from compressjax.core.qarray import QArray
 from compressjax.core import rules as rules_lib
 from compressjax.core.rules import option
-from compressjax.core.sparse import NMSparseArray, SparseArray
 from compressjax.core import transform as transform_lib
 
 
@@ -90,14 +89,14 @@ def factorize(w, *, rank=None, rank_ratio=None, energy=None,
 
 
 def _lowrank_leaf(path, leaf, cfg, state=None):
-  if isinstance(leaf, (QArray, SparseArray, NMSparseArray, LowRank)):
-    raise CompressionError(f"cannot factorize a {type(leaf).__name__}: apply "
-                           "low_rank first, then quantize or sparsify", path)
-  return factorize(leaf, path=path, **cfg)
+  # what factorizing may follow is the leaf type's to say (Stage order)
+  return compress_inside(leaf, Stage.FACTORIZE,
+                         lambda p, x, _: factorize(x, path=p, **cfg), path)
 
 
 def _check(path, leaf, cfg):
-  check_lowrank_config(path, leaf.shape, cfg)
+  for p, x, _ in inner_arrays(leaf, Stage.FACTORIZE, path):
+    check_lowrank_config(p, x.shape, cfg)
 
 
 @rules_lib.options

@@ -188,10 +188,10 @@ def _layer(module: str, path: str, q: QArray, checkpoint_format: str
     raise CompressionError(
         f"kernel of shape {tuple(q.shape)} is not a 2-D Linear weight; GPTQ "
         "exports (in, out) matrices only", path)
-  if q.axis != 0:
+  if tuple(q.contract) != (0,):
     raise CompressionError(
-        f"groups run along axis {q.axis} (output features); GPTQ groups run "
-        "along the input axis: quantize with axis=0 (the default)", path)
+        f"groups run along axes {tuple(q.contract)}; GPTQ groups run along "
+        "the input axis: quantize with axis=0 (the default)", path)
   bits = fmt.bits
   if bits not in SUPPORTED_BITS:
     raise CompressionError(

@@ -62,7 +62,6 @@ from compressjax.core import rules as rules_lib
 from compressjax.core.format import Format
 from compressjax.core.rules import option, resolve
 from compressjax.core.tree import leaves_with_paths, map_with_paths
-from compressjax.formats.integer import IntFormat
 from compressjax.quantization.rtn import (check_quant_config, quantize_array,
                                       resolve_format)
 from compressjax.quantization.scaling import (ScaleGroup, apply_scales,
@@ -101,27 +100,19 @@ def _qcfg(bits=4, format=None, group_size=128, symmetric=False):
 
 
 def _fake_quant(w, q):
-  """quantize_array(w, ...).materialize() in float32. Integer formats take
-  the same arithmetic without packing codes (much faster to compile inside
-  the searches); tests check the two agree."""
+  """quantize_array(w, ...).materialize() in float32. Formats with a plain
+  float scale per group take the same arithmetic (their own scale rule)
+  without packing codes (much faster to compile inside the searches); tests
+  check the two agree."""
   cfg = dict(q)
   fmt = resolve_format(cfg, "<array>")
-  if not isinstance(fmt, IntFormat):
+  if not fmt.capabilities.float_scale:
     return quantize_array(w, **cfg).materialize().astype(jnp.float32)
   k, n = w.shape
   gs = cfg["group_size"] or k
   x = w.astype(jnp.float32).reshape(k // gs, gs, n)
-  if fmt.symmetric:
-    s = jnp.max(jnp.abs(x), axis=1, keepdims=True) / fmt.max_value
-    s = jnp.where(s > 0, s, 1.0)
-    y = fmt.round(x / s)
-  else:
-    hi = jnp.maximum(jnp.max(x, axis=1, keepdims=True), 0.)
-    lo = jnp.minimum(jnp.min(x, axis=1, keepdims=True), 0.)
-    s = (hi - lo) / (fmt.qmax - fmt.qmin)
-    s = jnp.where(s > 0, s, 1.0)
-    z = jnp.clip(jnp.round(-lo / s), fmt.qmin, fmt.qmax)
-    y = fmt.round(x / s + z) - z
+  s, z = fmt.scale_zero(x, lambda v, fn: fn(v, axis=1, keepdims=True))
+  y = fmt.round(x / s) if z is None else fmt.round(x / s + z) - z
   return (y * s).reshape(k, n)
 
 

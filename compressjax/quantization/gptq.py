@@ -37,34 +37,25 @@ from compressjax.core.base import CompressedLeaf
 from compressjax.core.errors import CompressionError
 from compressjax.core.format import Format
 from compressjax.core.input_transform import InputTransform
+from compressjax.core.contraction import MatrixLayout
 from compressjax.core.linalg import hinv_upper
-from compressjax.core.qarray import QArray
+from compressjax.core.qarray import QArray, pack_codes
 from compressjax.core.rules import option
-from compressjax.formats.integer import IntFormat
-from compressjax.quantization.rtn import (_is_float_dtype, _store_scale,
-                                          resolve_format)
-from pallas_kernels import layout
+from compressjax.formats.scaled import store_scale
+from compressjax.quantization.rtn import _is_float_dtype, resolve_format
 
 _HI = jax.lax.Precision.HIGHEST
 
 
 def _scale_zero(cols, fmt, scale_dtype="float32"):
-  """Per-row scale (and zero) of a group of columns (N, g). The scale is
-  rounded to what `scale_dtype` stores (up, as RTN's `_store_scale`) before
-  any code is chosen, so the codes and error feedback use the stored scale."""
-  if getattr(fmt, "symmetric", True):
-    s = jnp.max(jnp.abs(cols), axis=1) / fmt.max_value
-    s = _store_scale(jnp.where(s > 0, s, 1.0), scale_dtype).astype(
-        jnp.float32)
-    z = jnp.zeros_like(s)
-  else:
-    hi = jnp.maximum(cols.max(1), 0.)
-    lo = jnp.minimum(cols.min(1), 0.)
-    s = (hi - lo) / (fmt.qmax - fmt.qmin)
-    s = _store_scale(jnp.where(s > 0, s, 1.0), scale_dtype).astype(
-        jnp.float32)
-    z = jnp.clip(jnp.round(-lo / s), fmt.qmin, fmt.qmax)
-  return s, z
+  """Per-row scale (and zero) of a group of columns (N, g): the format's own
+  rule (`Format.scale_zero`), the scale rounded to what `scale_dtype` stores
+  (up, as RTN) before any code is chosen, so the codes and error feedback
+  use the stored scale."""
+  s, z = fmt.scale_zero(cols, lambda v, fn: fn(v, axis=1),
+                        lambda v: store_scale(v, scale_dtype))
+  s = s.astype(jnp.float32)
+  return s, jnp.zeros_like(s) if z is None else z
 
 
 _SLAB = 16  # columns per rank-1 slab: the per-column update stays in cache
@@ -151,31 +142,35 @@ def _gptq(w, h, *, fmt, group_size: int, block_size: int,
   return q, s_all, z_all
 
 
-def gptq_quantize(w, hessian, *, bits: int = 4, format: str | None = None,
+def gptq_quantize(w, hessian, *, bits: int | None = None, format=None,
                   group_size: int | None = None,
                   symmetric: bool = True, block_size: int = 128,
                   damp: float = 0.01, act_order: bool = False,
                   static_groups: bool = False, scale_dtype: Any = jnp.float32,
                   path: str = "<array>") -> QArray:
-  """GPTQ of a Flax kernel w (K_in, N_out) given H (K_in x K_in). Scales are
-  stored in `scale_dtype` (float16: exactly what a GPTQ checkpoint holds,
-  see `models.gptq_export`)."""
+  """GPTQ of a Flax kernel w (K_in, ...) given H (K_in x K_in): axis 0 is
+  contracted (calibration captures that Hessian), every other axis is an
+  output feature (e.g. an Einsum in-projection (d, heads, head_dim)). Scales
+  are stored in `scale_dtype` (float16: exactly what a GPTQ checkpoint
+  holds, see `models.gptq_export`)."""
   w = jnp.asarray(w)
   GptqOptions(bits=bits, format=format, group_size=group_size,
               symmetric=symmetric, block_size=block_size, damp=damp,
               act_order=act_order, static_groups=static_groups,
               scale_dtype=scale_dtype)
-  if w.ndim != 2:
-    raise CompressionError("GPTQ needs a 2-D kernel (in, out)", path)
-  k, n = w.shape
+  if w.ndim < 2:
+    raise CompressionError("GPTQ needs a kernel (in, out...) of rank >= 2",
+                           path)
+  lay = MatrixLayout(tuple(w.shape), (0,))
+  k, n = lay.k, lay.n
   if hessian.shape != (k, k):
     raise CompressionError(f"Hessian {hessian.shape} does not match "
                            f"in_features {k}", path)
   fmt = resolve_format(dict(bits=bits, format=format, symmetric=symmetric),
-                       path)
-  if isinstance(fmt, str) or getattr(fmt, "scale_rule", "absmax") != "absmax":
+                       path, default_bits=4)
+  if not fmt.capabilities.calibrated:
     raise CompressionError(f"GPTQ needs an element format with an absmax "
-                           f"scale (int, fp8/6/4, nf4), not {format}", path)
+                           f"scale (int, fp8/6/4, nf4), not {fmt.name}", path)
   gs = group_size or k
   if k % gs:
     raise CompressionError(f"group_size {gs} does not divide in_features {k}",
@@ -186,16 +181,15 @@ def gptq_quantize(w, hessian, *, bits: int = 4, format: str | None = None,
   # Per channel (no groups), the scales come from the whole original W, as in
   # the reference implementation; act-order with groups implies static groups.
   static = static_groups or act_order or group_size is None
-  q, s, z = _gptq(jnp.asarray(w, jnp.float32),
+  q, s, z = _gptq(lay.to_matrix(jnp.asarray(w, jnp.float32)),
                   jnp.asarray(hessian, jnp.float32), fmt=fmt, group_size=gs,
                   block_size=bs, damp=float(damp), act_order=act_order,
                   static_groups=static, scale_dtype=jnp.dtype(scale_dtype).name)
-  stored = fmt.encode(q)
-  codes = layout.pack(stored, fmt.bits, 0) if fmt.bits < 8 else stored
-  return QArray(codes=codes, scale=s.astype(scale_dtype),
-                zero=None if getattr(fmt, "symmetric", True) else z.astype(
-                    jnp.uint8),
-                shape=(k, n), dtype=jnp.dtype(w.dtype).name, fmt=fmt, axis=0)
+  return QArray(codes=pack_codes(fmt.encode(q), fmt.bits),
+                scale=s.astype(scale_dtype),
+                zero=z.astype(jnp.uint8) if fmt.capabilities.zero_point
+                else None, shape=tuple(w.shape),
+                dtype=jnp.dtype(w.dtype).name, fmt=fmt, contract=lay.contract)
 
 
 @rules_lib.options
@@ -203,11 +197,13 @@ class GptqOptions(rules_lib.Options):
   """GPTQ (Algorithm 1; see module doc)."""
 
   transform: ClassVar[str] = "gptq"
-  bits: int = option(4, "integer bits when format is None")
+  bits: int | None = option(
+      None, "integer bits when format is None (None: 4); with a format, "
+      "optional and then equal to the format's bits")
   format: str | Format | None = option(
       None, "an element format with an absmax scale (int, fp8/6/4, nf4)")
   group_size: int | None = option(
-      None, "inputs per scale (None: per output channel)",
+      None, "inputs per scale (None: per output feature)",
       check=lambda g: g >= 1, must="be >= 1 (or None)")
   symmetric: bool = option(True, "False: integer codes with a zero point")
   block_size: int = option(128, "columns per lazy-update block B",

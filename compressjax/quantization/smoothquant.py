@@ -43,6 +43,7 @@ from compressjax.core.input_transform import ACT_FORMATS
 from compressjax.core import rules as rules_lib
 from compressjax.core.rules import option, resolve
 from compressjax.core.tree import leaves_with_paths, map_with_paths
+from compressjax.formats.integer import IntFormat
 from compressjax.quantization.rtn import check_quant_config, quantize_array
 from compressjax.quantization.scaling import (ScaleGroup, apply_scales,
                                           check_stats, consumer_weight,
@@ -71,7 +72,8 @@ def _group_scale(act_max, weights, alpha):
 
 @functools.partial(jax.jit, static_argnames="bits")
 def _quantize(w, *, bits):
-  return quantize_array(w, bits)  # symmetric, per output channel
+  # symmetric per output channel, s = absmax / (2^(b-1) - 1) as the paper
+  return quantize_array(w, format=IntFormat(bits, narrow_range=True))
 
 
 def _check_alpha(path, alpha):

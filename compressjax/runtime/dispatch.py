@@ -5,6 +5,28 @@ dtype the model asked for) as one operand. A rule registered for the leaf's
 type may compute the op directly from the compressed storage (this is where
 Pallas kernels plug in); a rule returns None to decline, and then the leaf is
 materialized exactly and the plain op runs.
+
+Quantized weights (`_qarray_dot`) take the direct path when the op contracts
+exactly the leaf's declared contraction axes (in any order; x's contracted
+axes are permuted to match) with no batch dimensions: y = x_mat @ W_mat on the
+stored (K, N) matrix. Which implementation runs is asked of the format
+(`Format.kernel_decode`) and of `use_kernels` / the backend:
+
+  format (decode)                          gpu / tpu ("pallas")   cpu ("xla")
+  int2/4/8 (+asym, narrow), mxint8 (offset)  Pallas quantized_matmul blocked XLA
+  int3/5/6/7 (offset, bits not 1/2/4/8)    blocked XLA            blocked XLA
+  fp8_e4m3/e5m2, mxfp8_* (float8 bytes)    Pallas fp8_matmul      blocked XLA
+  fp6/fp4, mxfp6/4, nvfp4, nf4, ternary,   blocked XLA (table)    blocked XLA
+    binary (2**bits value table)
+  codebooks, unknown formats               materialized           materialized
+
+"Blocked XLA" (`pallas_kernels.xla_matmul`) scans K in blocks that it
+dequantizes in cache: the float weight is never written out. A weight whose
+float form fits in 1 MiB (`DENSE_TILE_BYTES`) is dequantized as one tile
+instead, which at such sizes is cheaper than the scan's copies of x. Scales that are
+themselves compressed (MX E8M0, NVFP4 e4m3, double-quantized) are
+materialized first; they are (G, N), small. Anything else (other dimension
+numbers, the leaf as lhs, convolutions) materializes the leaf exactly.
 """
 
 from __future__ import annotations
@@ -18,6 +40,7 @@ import jax.numpy as jnp
 from compressjax.core.base import materialize
 from compressjax.core.input_transform import InputTransform
 from compressjax.core.lowrank import LowRank
+from compressjax.core.pact_input import PactInput
 from compressjax.core.qarray import QArray
 from compressjax.formats import activations
 from pallas_kernels import quantized_matmul as pallas_qmm
@@ -60,32 +83,30 @@ def conv_general_dilated(lhs, rhs_leaf, *, dtype, **params):
       lhs, materialize(rhs_leaf).astype(dtype), **params)
 
 
-def _is_matmul(x, leaf, dims, any_rank: bool = False) -> bool:
-  """x (..., K) contracted with axis 0 of a 2-D leaf (of any rank >= 2 with
-  `any_rank`: an Einsum kernel (K, h, d) is a (K, h*d) matrix), no batch
-  dims."""
+def _is_matmul(x, leaf, dims) -> bool:
+  """x (..., K) contracted with axis 0 of a 2-D leaf, no batch dims."""
   (lc, rc), (lb, rb) = dims
-  rank_ok = leaf.ndim >= 2 if any_rank else leaf.ndim == 2
-  return (rank_ok and tuple(lc) == (x.ndim - 1,) and tuple(rc) == (0,)
+  return (leaf.ndim == 2 and tuple(lc) == (x.ndim - 1,) and tuple(rc) == (0,)
           and not lb and not rb)
 
 
-def _as_matrix(a, rest: tuple):
-  """Per-group (G, *r) values, r broadcastable to rest -> (G, prod(rest)),
-  or (G, 1) when they are shared by all outputs."""
-  if a is None:
+def matrix_operand(x, contract: tuple[int, ...], dims):
+  """x as the (M, K) matrix that multiplies a leaf's stored (K, N) matrix
+  when the op contracts exactly `contract` (in any order) and has no batch
+  dimensions; None otherwise. Returns (x_mat, leading shape of the output)."""
+  (lc, rc), (lb, rb) = dims
+  if lb or rb or len(rc) != len(contract) or set(rc) != set(contract):
     return None
-  if all(d == 1 for d in a.shape[1:]):
-    return a.reshape(a.shape[0], 1)
-  return jnp.broadcast_to(a, a.shape[:1] + rest).reshape(a.shape[0], -1)
-
-
-def _code_table(fmt):
-  """Integer formats map codes by an offset; any other elementwise format of
-  <= 8 bits (fp8/fp6/fp4, NF4, ternary, ...) by its 2**bits decode table."""
-  if getattr(fmt, "kind", None) == "int":
-    return fmt.offset, None
-  return 0, fmt.decode(jnp.arange(2**fmt.bits, dtype=jnp.int32))
+  pair = dict(zip(rc, lc))
+  order = [pair[a] for a in contract]  # x's axes in the leaf's K order
+  free = [d for d in range(x.ndim) if d not in order]
+  xt = jnp.transpose(x, free + order) if free + order != list(
+      range(x.ndim)) else x
+  lead = tuple(x.shape[d] for d in free)
+  k = 1
+  for d in order:
+    k *= x.shape[d]
+  return xt.reshape(lead + (k,)), lead
 
 
 _KERNELS = ["auto"]
@@ -115,32 +136,51 @@ def _kernel_choice() -> str:
   return choice
 
 
+def kernel_for(fmt, choice: str | None = None) -> str | None:
+  """Which implementation multiplies by a QArray of format `fmt`:
+  "pallas_int", "pallas_fp8", "xla", "reference", or None (materialized)."""
+  dec = fmt.kernel_decode()
+  if dec is None or fmt.bits > 8:
+    return None
+  choice = choice or _kernel_choice()
+  if choice == "pallas":
+    if dec.offset is not None and fmt.bits in pallas_qmm.SUPPORTED_BITS:
+      return "pallas_int"
+    if dec.float8 is not None:
+      return "pallas_fp8"
+    return "xla"  # lookup tables and odd widths: blocked, never dense
+  return choice
+
+
 def _qarray_dot(x, leaf: QArray, dims, out_dtype):
   """Weight-only quantized matmul straight from the stored codes, never
-  materializing the float weight: the Pallas kernel for integer codes of
-  1/2/4/8 bits (GPU/TPU), blocked XLA (CPU, and any <= 8-bit elementwise
-  format through its decode table), or the plain grouped einsum."""
-  if not (_is_matmul(x, leaf, dims, any_rank=True) and leaf.axis == 0
-          and getattr(leaf.fmt, "kind", None) in ("int", "float", "levels")
-          and leaf.fmt.bits <= 8):
+  materializing the float weight (module doc)."""
+  impl = kernel_for(leaf.fmt)
+  op = None if impl is None else matrix_operand(x, leaf.contract, dims)
+  if op is None:
     return None
+  xm, lead = op
+  lay = leaf.layout
   scale = leaf.scale_values()
-  rest = tuple(leaf.shape[1:])
-  offset, lut = _code_table(leaf.fmt)
-  codes = leaf.codes.reshape(leaf.codes.shape[0], -1)
-  args = (x, codes, _as_matrix(scale, rest), _as_matrix(leaf.zero, rest))
-  kw = dict(bits=leaf.fmt.bits, k=leaf.shape[0], offset=offset,
-            out_dtype=out_dtype)
-  choice = _kernel_choice()
-  if (choice == "pallas" and lut is None
-      and leaf.fmt.bits in pallas_qmm.SUPPORTED_BITS):
-    y = pallas_qmm.quantized_matmul(*args, **kw)
-  elif choice == "reference" or (choice == "pallas" and
-                                 jax.default_backend() != "cpu"):
-    y = reference.quantized_matmul(*args, lut=lut, **kw)
+  dec = leaf.fmt.kernel_decode()
+  if impl == "pallas_fp8":
+    vals = jax.lax.bitcast_convert_type(leaf.codes, jnp.dtype(dec.float8))
+    y = pallas_qmm.fp8_matmul(xm, vals, scale, out_dtype=out_dtype)
   else:
-    y = xla_matmul.quantized_matmul(*args, lut=lut, **kw)
-  return y.reshape(x.shape[:-1] + rest)
+    args = (xm, leaf.codes, scale, leaf.zero)
+    lut, offset = None, dec.offset
+    if offset is None:  # a value per code (float8 off Pallas: decoded)
+      lut = (jnp.asarray(dec.table, jnp.float32) if dec.table is not None
+             else leaf.fmt.decode(jnp.arange(2**leaf.fmt.bits)))
+      offset = 0
+    kw = dict(bits=leaf.fmt.bits, k=lay.k, offset=offset, out_dtype=out_dtype)
+    if impl == "pallas_int":
+      y = pallas_qmm.quantized_matmul(*args, **kw)
+    elif impl == "reference":
+      y = reference.quantized_matmul(*args, lut=lut, **kw)
+    else:
+      y = xla_matmul.quantized_matmul(*args, lut=lut, **kw)
+  return y.reshape(lead + lay.out_shape)
 
 
 def _lowrank_dot(x, leaf: LowRank, dims, out_dtype):
@@ -158,12 +198,15 @@ def _lowrank_dot(x, leaf: LowRank, dims, out_dtype):
 
 
 def _is_w8(leaf) -> bool:
-  """int8 symmetric QArray with one scale per output channel."""
-  return (isinstance(leaf, QArray) and leaf.axis == 0 and leaf.ndim == 2
-          and getattr(leaf.fmt, "kind", None) == "int"
-          and leaf.fmt.bits == 8 and leaf.fmt.offset == 0
-          and leaf.zero is None and not isinstance(leaf.scale, QArray)
-          and leaf.scale is not None and leaf.scale.shape[0] == 1)
+  """int8 symmetric 2-D QArray with one float scale per output channel."""
+  if not (isinstance(leaf, QArray) and leaf.ndim == 2 and
+          tuple(leaf.contract) == (0,) and leaf.zero is None and
+          leaf.scale is not None and not isinstance(leaf.scale, QArray) and
+          leaf.scale.shape[0] == 1):
+    return False
+  dec = leaf.fmt.kernel_decode()
+  return (dec is not None and dec.offset == 0 and
+          jnp.dtype(leaf.fmt.storage_dtype) == jnp.int8)
 
 
 def _input_transform_dot(x, leaf: InputTransform, dims, out_dtype):
@@ -174,19 +217,29 @@ def _input_transform_dot(x, leaf: InputTransform, dims, out_dtype):
     return None  # materialized: exact weight, no activation quantizer
   xt = leaf.transform_input(x)
   if leaf.act is not None:
-    xq = activations.quantize_per_token(xt, leaf.act)
+    codes, s = activations.per_token(xt, leaf.act)
     if leaf.act == "int8" and _is_w8(leaf.weight):
       impl = {"pallas": pallas_qmm.int8_matmul,
               "xla": xla_matmul.int8_matmul,
               "reference": reference.int8_matmul}[_kernel_choice()]
-      return impl(xq.codes, xq.scale, leaf.weight.codes,
-                                   leaf.weight.scale, out_dtype=out_dtype)
-    xt = xq.materialize()
+      return impl(codes, s, leaf.weight.codes, leaf.weight.scale,
+                  out_dtype=out_dtype)
+    xt = activations.ACTIVATION_FORMATS[leaf.act].decode(codes) * s
   y = dot_general(xt, leaf.weight, dims, lhs_leaf=False, dtype=jnp.float32,
                   preferred_element_type=jnp.float32)
+  return y.astype(out_dtype)
+
+
+def _pact_input_dot(x, leaf: PactInput, dims, out_dtype):
+  """PACT-quantized input, then the inner weight through this dispatch."""
+  if not _is_matmul(x, leaf, dims):
+    return None
+  y = dot_general(leaf.quantize_input(x), leaf.weight, dims, lhs_leaf=False,
+                  dtype=jnp.float32, preferred_element_type=jnp.float32)
   return y.astype(out_dtype)
 
 
 register_dot_rule(QArray, _qarray_dot)
 register_dot_rule(InputTransform, _input_transform_dot)
 register_dot_rule(LowRank, _lowrank_dot)
+register_dot_rule(PactInput, _pact_input_dot)

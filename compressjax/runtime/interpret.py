@@ -46,7 +46,7 @@ import jax.extend.core as jcore
 import jax.numpy as jnp
 import numpy as np
 
-from compressjax.core.base import CompressedLeaf, materialize
+from compressjax.core.base import CompressedLeaf, NotStackable, materialize
 from compressjax.core.errors import CompressionError, TreeMismatchError
 from compressjax.core.tree import is_compressed, leaves_with_paths
 from compressjax.core.input_transform import InputTransform
@@ -146,8 +146,6 @@ class Stacked(NamedTuple):
   build: Callable[[list], CompressedLeaf]
 
 
-class NotStackable(ValueError):
-  """The leaf cannot be sliced exactly along its leading axis."""
 
 
 def stacked_parts(leaf: CompressedLeaf, n: int) -> Stacked:
@@ -167,6 +165,11 @@ def stacked_parts(leaf: CompressedLeaf, n: int) -> Stacked:
   if leaf.ndim < 2 or leaf.shape[0] != n:
     raise NotStackable(f"shape {tuple(leaf.shape)} is not stacked along a "
                        f"leading axis of length {n}")
+  own = leaf.unstack(n)  # leaves that store another layout slice themselves
+  if own is not None:
+    parts, build = own
+    _check_slice(build, parts)
+    return Stacked(parts, build)
   meta: dict[str, Any] = {"shape": tuple(leaf.shape[1:])}
   if "axis" in leaf.meta_fields:
     if leaf.axis == 0:
@@ -206,12 +209,16 @@ def stacked_parts(leaf: CompressedLeaf, n: int) -> Stacked:
       kids[f] = slices[i] if sub_build is None else sub_build(slices[i:i + k])
     return dataclasses.replace(leaf, **kids, **meta)
 
+  _check_slice(build, parts)
+  return Stacked(parts, build)
+
+
+def _check_slice(build, parts) -> None:
   try:
     build([jax.ShapeDtypeStruct(tuple(p.shape[1:]), p.dtype)
            for p in parts]).validate()
   except CompressionError as e:
     raise NotStackable(f"its per-index slice would be invalid ({e})") from None
-  return Stacked(parts, build)
 
 
 def slice_leading(leaf: CompressedLeaf, i: int) -> CompressedLeaf:

@@ -11,7 +11,6 @@ weights along the input axis (Mishra et al. 2021, NVIDIA 2:4).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any, ClassVar, Literal, Mapping
 
@@ -21,9 +20,7 @@ import numpy as np
 from pallas_kernels import layout
 from compressjax.core.errors import CompressionError
 from compressjax.core.tree import INPUT_AXIS
-from compressjax.core.codebook import CodebookArray
-from compressjax.core.lowrank import LowRank
-from compressjax.core.qarray import QArray
+from compressjax.core.base import Stage, compress_inside, inner_arrays
 from compressjax.core import rules as rules_lib
 from compressjax.core.rules import option
 from compressjax.core.sparse import (NMSparseArray, SparseArray,
@@ -106,9 +103,21 @@ def nm_sparsify(w, n: int, m: int, axis: int | None = None,
                        n=n, m=m, axis=axis)
 
 
+def _check_axis(path: str, name: str, axis, nd: int) -> None:
+  """An axis option must name an axis: out of range is an error, no wrap."""
+  if axis is None:
+    return
+  if isinstance(axis, bool) or not isinstance(axis, int) or not (
+      -nd <= axis < nd):
+    raise CompressionError(f"{name}={axis!r} is not an axis of a rank-{nd} "
+                           f"param; give an int in [-{nd}, {nd - 1}]", path)
+
+
 def check_sparse_config(path: str, shape, cfg: Mapping[str, Any]) -> None:
   pattern = cfg.get("pattern", "unstructured")
   nd = len(shape)
+  if pattern == "channel":
+    _check_axis(path, "channel_axis", cfg.get("channel_axis"), nd)
   if pattern not in PATTERNS:
     raise CompressionError(f"unknown sparsity pattern {pattern!r}; use one of "
                            f"{PATTERNS}", path)
@@ -120,6 +129,7 @@ def check_sparse_config(path: str, shape, cfg: Mapping[str, Any]) -> None:
     if m > 256:
       raise CompressionError(f"M={m} is too large (at most 256)", path)
     axis = cfg.get("axis")
+    _check_axis(path, "axis", axis, nd)
     axis = INPUT_AXIS if axis is None else axis % nd
     if shape[axis] % m:
       raise CompressionError(
@@ -144,22 +154,13 @@ def check_sparse_config(path: str, shape, cfg: Mapping[str, Any]) -> None:
                            "only", path)
 
 
-def _float_target(path, leaf):
-  if isinstance(leaf, (QArray, CodebookArray, SparseArray, NMSparseArray)):
-    raise CompressionError(
-        f"cannot sparsify a {type(leaf).__name__}: sparsify first, then "
-        "quantize (chain(sparsify(...), quantize(...)))", path)
-
-
 def _sparsify_leaf(path, leaf, cfg, state):
-  _float_target(path, leaf)
-  if isinstance(leaf, LowRank):
-    target = leaf.residual
-    if target is None:
-      raise CompressionError("low-rank param has no residual to sparsify",
-                             path)
-    return dataclasses.replace(
-        leaf, residual=_sparsify_leaf(path + "/residual", target, cfg, state))
+  # what sparsifying may follow is the leaf type's to say (Stage order)
+  return compress_inside(leaf, Stage.SPARSIFY,
+                         lambda p, x, _: _sparsify_dense(x, cfg, state), path)
+
+
+def _sparsify_dense(leaf, cfg, state):
   pattern = cfg.get("pattern", "unstructured")
   if pattern == "nm":
     return nm_sparsify(leaf, cfg["n"], cfg["m"], cfg.get("axis"))
@@ -185,9 +186,9 @@ def _global_threshold(params, plan):
     raise CompressionError("global sparsity needs one target sparsity for "
                            f"all its params, got {sorted(sparsities)}")
   s = sparsities.pop()
-  mags = jnp.concatenate([jnp.abs(jnp.asarray(
-      l.residual if isinstance(l, LowRank) else l, jnp.float32)).ravel()
-                          for _, l in chosen])
+  mags = jnp.concatenate([jnp.abs(jnp.asarray(x, jnp.float32)).ravel()
+                          for p, l in chosen
+                          for _, x, _ in inner_arrays(l, Stage.SPARSIFY, p)])
   n_prune = round(s * mags.size)
   if n_prune == 0:
     return {"threshold": -1.0}
@@ -195,9 +196,8 @@ def _global_threshold(params, plan):
 
 
 def _check(path, leaf, cfg):
-  if isinstance(leaf, LowRank) and leaf.residual is not None:
-    leaf = leaf.residual
-  check_sparse_config(path, leaf.shape, cfg)
+  for p, x, _ in inner_arrays(leaf, Stage.SPARSIFY, path):
+    check_sparse_config(p, x.shape, cfg)
 
 
 @rules_lib.options

@@ -46,7 +46,7 @@ from compressjax.core.base import CompressedLeaf
 from compressjax.core.format import Format
 from compressjax.core.errors import CompressionError
 from compressjax.core.linalg import hinv_upper as _hinv_upper
-from compressjax.core.qarray import QArray
+from compressjax.core.qarray import QArray, pack_codes
 from compressjax.core.rules import option
 from compressjax.core.sparse import NMSparseArray, index_bits
 from compressjax.quantization.gptq import _scale_zero
@@ -258,12 +258,12 @@ def _assemble(q, keep, codes, s, z, *, shape, dtype, nm, n, m, kept, fmt):
   if fmt is None:
     return leaf, None, None, None
   vals = take(fmt.encode(codes).reshape(shape)).values
-  if fmt.bits < 8:
-    vals = layout.pack(vals, fmt.bits, 0)
-  if nm:  # per output channel or group, shaped like the kept values
-    s = s.reshape((s.shape[0],) + shape[1:])
+  # the QArray's (K, N) matrix: kept values along the input axis by outputs
+  vals = pack_codes(vals.reshape(vals.shape[0], -1), fmt.bits)
+  if nm:  # per output channel or group of the kept values
+    s = s.reshape(s.shape[0], -1)
   else:  # one scale for the flat list of kept values
-    s = s.reshape(1)
+    s = s.reshape(1, 1)
   z = z.reshape(s.shape).astype(jnp.uint8)
   return leaf, vals, s.astype(jnp.float32), z
 
@@ -288,13 +288,12 @@ def _resolve(path, shape, cfg):
       raise CompressionError("group_size is for joint quantization; give "
                              "bits or format too", path)
     return None, None
-  fmt = resolve_format(dict(bits=cfg.get("bits") or 8,
-                            format=cfg.get("format"),
+  fmt = resolve_format(dict(bits=cfg.get("bits"), format=cfg.get("format"),
                             symmetric=cfg.get("symmetric", True)), path)
-  if isinstance(fmt, str) or getattr(fmt, "scale_rule", "absmax") != "absmax":
+  if not fmt.capabilities.calibrated:
     raise CompressionError(
         f"joint quantization needs an element format with an absmax scale "
-        f"(int, fp8/6/4, nf4), not {cfg.get('format')}; prune first, then "
+        f"(int, fp8/6/4, nf4), not {fmt.name}; prune first, then "
         "quantize (chain(sparsegpt(...), quantize(...)))", path)
   g = cfg.get("group_size")
   if g is None:
@@ -358,9 +357,9 @@ def sparsegpt_prune(w, hessian, *, sparsity: float = 0.5,
   if fmt is None:
     return leaf
   vals = QArray(codes=codes, scale=scale,
-                zero=None if getattr(fmt, "symmetric", True) else zero,
+                zero=zero if fmt.capabilities.zero_point else None,
                 shape=(kept,) if not nm else leaf.kept_shape,
-                dtype=jnp.dtype(w.dtype).name, fmt=fmt, axis=0)
+                dtype=jnp.dtype(w.dtype).name, fmt=fmt, contract=(0,))
   return dataclasses.replace(leaf, values=vals)
 
 

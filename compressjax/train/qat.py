@@ -11,25 +11,35 @@ Weights. LSQ (Esser et al. 2019, "Learned Step Size Quantization", Sec. 2):
   g = 1 / sqrt(N_w Q_P) (Sec. 2.2), initial step s = 2 mean|v| / sqrt(Q_P).
 On the edges v/s = -Q_N, Q_P the weight keeps gradient 1 (so the absmax
 weight of a PTQ step can still move) and the step gets eq. 3's -Q_N, Q_P.
-Steps are per tensor, per output channel or per group of `group_size` along
-the input axis, exactly the grouping of `quantize_array`; N_w is the number of
-weights sharing one step. Every element format of `compressjax.formats` is
+Steps are per tensor, per output feature or per group of `group_size` along
+the flattened contraction axes, exactly the grouping and (K, N) layout of
+`quantize_array` (`core/contraction.py`); N_w is the number of weights
+sharing one step. Every element format of `compressjax.formats` is
 supported with the same estimator: round(.) is the format's own rounding
 (int: to the integer grid; fp8/fp6/fp4: saturate then nearest-even; nf4,
-ternary, binary: nearest level) and [-Q_N, Q_P] is its code range (int
-symmetric [-2^(b-1), 2^(b-1)-1]; asymmetric [-z, 2^b-1-z] with the zero point
-z of RTN, kept fixed, Q_P = 2^b - 1 in g; others [-max, max], Q_P = max). So
-non-integer formats train a learned scale with the STE. weight="ste" keeps
-the PTQ step fixed.
+ternary, binary: nearest level) and [-Q_N, Q_P] is its code range
+(`Format.code_range`: int symmetric [-2^(b-1), 2^(b-1)-1] on the default
+full-range grid, LSQ's signed Q_N, Q_P; [-(2^(b-1)-1), 2^(b-1)-1] on the
+narrow one; asymmetric [-z, 2^b-1-z] with the
+zero point z of RTN, kept fixed, Q_P = 2^b - 1 in g; others [-max, max],
+Q_P = max). So non-integer formats train a learned scale with the STE; their
+step (and that of asymmetric int) starts from the format's PTQ scale rule,
+not LSQ's init, which assumes a uniform grid. weight="ste" keeps the PTQ step
+fixed. Formats qualify by `Format.capabilities.qat` (a plain float step per
+group); block-scale schemes and codebooks do not.
 
-Step init and step learning rate (measured on the default LM, int4 g128, 200
-steps of the experiment's Adam recipe from the float model, val ppl; float
-5.348, RTN 5.394; bench/training.py --part qat):
-  LSQ init 2 mean|v| / sqrt(Q_P), step at the weights' lr     5.223
-  LSQ, PTQ (absmax) init                                       5.207
-  STE, fixed PTQ step                                          5.202
-  qwix QAT (absmax step recomputed every step, identity STE)  5.196
-  LSQ, PTQ init, steps updated in log space (relative_steps)  5.191
+Step init and step learning rate (the default LM, int4 g128, 200 steps of
+the experiment's Adam recipe from the float model, val ppl; first baseline:
+float 5.348, RTN 5.394, one batch seed; second: float 5.322, mean of two
+batch seeds; bench/training.py --quality-parts qat_compare):
+                                                             first  second
+  LSQ init 2 mean|v| / sqrt(Q_P), step at the weights' lr    5.223  5.182
+  LSQ, PTQ (absmax) init                                      5.207      -
+  STE, fixed PTQ step                                         5.202  5.181
+  qwix QAT (absmax step recomputed every step, identity STE) 5.196  5.177
+  LSQ, PTQ init, steps updated in log space (relative_steps) 5.191  5.179
+The spread is small (second baseline: 0.006, per-seed differences up to
+0.008 either way), so these orderings are not settled.
 Two causes. (1) LSQ's init, derived for per-layer steps of ResNet weights,
 is far from the error-minimizing step for groups of 128: the PTQ scale starts
 closer, so `step_init="ptq"` is the default (`"lsq"` keeps the paper's).
@@ -67,8 +77,9 @@ zero point is an integer child: take gradients w.r.t.
 `cj.partition_float(tree)[0]` there. `from_ptq` starts from a PTQ result
 (e.g. GPTQ) and reproduces it exactly at step 0; `export` turns every
 FakeQuant into the leaf PTQ would produce: a QArray (weight only), an
-InputTransform(act="int8") around it (W8A8), or for PACT a `PactInput` (below)
-around it, since no PTQ leaf clips activations with a learned static range.
+InputTransform(act="int8") around it (W8A8), or for PACT a
+`core.pact_input.PactInput` around it, since no PTQ leaf clips activations
+with a learned static range.
 Their outputs equal the fake-quant forward up to float summation order; the
 QArray codes/scale/zero are bit-exact.
 """
@@ -84,23 +95,23 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from pallas_kernels import layout
 from compressjax.core import transform as transform_lib
-from compressjax.core.base import (CompressedLeaf, compressed_leaf,
-                                   is_concrete, materialize)
+from compressjax.core.base import (CompressedLeaf, Stage, compressed_leaf,
+                                   is_concrete)
+from compressjax.core.contraction import (MatrixLayout, apply_groups,
+                                          group_reduce, group_sum_to,
+                                          normalize_contract)
 from compressjax.core.errors import CompressionError
 from compressjax.core.input_transform import InputTransform
-from compressjax.core.qarray import QArray, apply_groups
+from compressjax.core.pact_input import PactInput, pact_forward
+from compressjax.core.qarray import QArray, pack_codes
 from compressjax.core import rules as rules_lib
 from compressjax.core.format import Format
 from compressjax.core.rules import option
-from compressjax.core.tree import INPUT_AXIS, leaves_with_paths, map_with_paths
+from compressjax.core.tree import leaves_with_paths, map_with_paths
 from compressjax.formats import activations
-from compressjax.formats.float import FloatFormat
-from compressjax.formats.integer import IntFormat
-from compressjax.formats.levels import LevelsFormat
-from compressjax.quantization.rtn import (_scale_reduce, check_quant_config,
-                                      quantize_array, resolve_format)
+from compressjax.quantization.rtn import (check_quant_config, quantize_array,
+                                          resolve_format)
 from compressjax.runtime import dispatch
 
 WEIGHT_MODES = ("lsq", "ste")
@@ -111,24 +122,22 @@ STEP_INITS = ("ptq", "lsq")
 PACT_ALPHA_INIT = 10.0
 _QUANT_KEYS = ("bits", "format", "group_size", "symmetric", "per_tensor",
                "axis")
+DEFAULT_BITS = 4
 
 
 # -- the estimators ----------------------------------------------------------
 
 def code_range(fmt) -> tuple[float, float]:
   """[lo, hi] of the format's code domain (before a zero point)."""
-  if isinstance(fmt, IntFormat):
-    return float(fmt.qmin), float(fmt.qmax)
-  if isinstance(fmt, LevelsFormat):
-    return float(min(fmt.levels)), float(max(fmt.levels))
-  return -float(fmt.max_value), float(fmt.max_value)
+  lo, hi = fmt.code_range
+  return float(lo), float(hi)
 
 
 def q_p(fmt) -> float:
-  """LSQ's Q_P, the positive code range, for the gradient scale g."""
-  if isinstance(fmt, IntFormat):
-    return float(fmt.qmax - (0 if fmt.symmetric else fmt.qmin))
-  return code_range(fmt)[1]
+  """LSQ's Q_P, the positive code range, for the gradient scale g (with a
+  zero point the whole range 2^b - 1 is positive)."""
+  lo, hi = code_range(fmt)
+  return hi - lo if fmt.capabilities.zero_point else hi
 
 
 def grad_scale(fmt, shape, step_shape) -> float:
@@ -137,59 +146,52 @@ def grad_scale(fmt, shape, step_shape) -> float:
   return 1.0 / math.sqrt(max(n, 1) * q_p(fmt))
 
 
-def _reduce_to(x, shape, axis: int):
-  """Sums x over the elements that share one entry of a step of `shape`."""
-  n, g = x.shape[axis], shape[axis]
-  if g not in (1, n):
-    x = x.reshape(x.shape[:axis] + (g, n // g) + x.shape[axis + 1:])
-    x = x.sum(axis + 1)
-  red = tuple(d for d, k in enumerate(shape) if k == 1 and x.shape[d] != 1)
-  return x.sum(red, keepdims=True).reshape(shape)
-
-
-def _fq_parts(v, s, z, fmt, axis):
-  # The exact op sequence of quantize_array + QArray.materialize, so the
-  # forward is PTQ's numbers bit for bit.
-  u = apply_groups(v, s, axis, lambda a, b: a / b)
-  y = u if z is None else apply_groups(u, z, axis, lambda a, b: a + b)
+def _fq_parts(v, s, z, fmt):
+  # The exact op sequence of quantize_array + QArray.materialize on the
+  # (K, N) matrix, so the forward is PTQ's numbers bit for bit.
+  u = apply_groups(v, s, lambda a, b: a / b)
+  y = u if z is None else apply_groups(u, z, lambda a, b: a + b)
   c = fmt.round(y)
-  q = c if z is None else apply_groups(c, z, axis, lambda a, b: a - b)
+  q = c if z is None else apply_groups(c, z, lambda a, b: a - b)
   return u, y, c, q
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _fake_quant(v, s, z, fmt, axis, g):
-  _, _, _, q = _fq_parts(v, s, z, fmt, axis)
-  return apply_groups(q, s, axis, lambda a, b: a * b)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _fake_quant(v, s, z, fmt, g):
+  _, _, _, q = _fq_parts(v, s, z, fmt)
+  return apply_groups(q, s, lambda a, b: a * b)
 
 
-def _fake_quant_fwd(v, s, z, fmt, axis, g):
-  u, y, _, q = _fq_parts(v, s, z, fmt, axis)
-  return apply_groups(q, s, axis, lambda a, b: a * b), (u, y, q, s, z)
+def _fake_quant_fwd(v, s, z, fmt, g):
+  u, y, _, q = _fq_parts(v, s, z, fmt)
+  return apply_groups(q, s, lambda a, b: a * b), (u, y, q, s, z)
 
 
-def _fake_quant_bwd(fmt, axis, g, res, ct):
+def _fake_quant_bwd(fmt, g, res, ct):
   u, y, q, s, z = res
   lo, hi = code_range(fmt)
   dv = jnp.where((y >= lo) & (y <= hi), ct, 0.0)  # clipped STE
   # eq. 3: q - u strictly inside; outside (and on the edge) q is -Q_N or Q_P
-  ds = _reduce_to(ct * jnp.where((y > lo) & (y < hi), q - u, q), s.shape,
-                  axis) * g
+  ds = group_sum_to(ct * jnp.where((y > lo) & (y < hi), q - u, q),
+                    s.shape) * g
   return dv, ds, None if z is None else jnp.zeros_like(z)
 
 
 _fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
 
 
-def fake_quant(v, step, fmt, *, zero=None, axis: int = INPUT_AXIS,
-               g: float = 1.0):
-  """LSQ fake quantization (eq. 1-2) of float32 `v` with `step` grouped along
-  `axis` as in QArray; gradients per eq. 3 (step gradient times g) and the
-  clipped STE. `zero` (integer) shifts the code range of asymmetric ints."""
+def fake_quant(v, step, fmt, *, zero=None, axis=None, g: float = 1.0):
+  """LSQ fake quantization (eq. 1-2) of float32 `v` with `step` in the QArray
+  scale layout ((G, N) or (G, 1) over the (K, N) matrix of `v` contracted
+  over `axis`, an int or tuple, default from the shape); gradients per eq. 3
+  (step gradient times g) and the clipped STE. `zero` (integer) shifts the
+  code range of asymmetric ints."""
+  v = jnp.asarray(v, jnp.float32)
+  lay = MatrixLayout(tuple(v.shape), normalize_contract(axis, v.shape))
   z = None if zero is None else zero.astype(jnp.float32)
-  return _fake_quant(jnp.asarray(v, jnp.float32),
-                     jnp.asarray(step, jnp.float32), z, fmt,
-                     axis % max(jnp.ndim(v), 1), float(g))
+  return lay.from_matrix(_fake_quant(lay.to_matrix(v),
+                                     jnp.asarray(step, jnp.float32), z, fmt,
+                                     float(g)))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
@@ -214,15 +216,9 @@ def per_token_fake_quant(x, format: str = "int8", axis: int = -1):
   return _per_token(x, format, axis % x.ndim)
 
 
-def _pact_levels(bits: int, signed: bool) -> int:
-  return 2**(bits - 1) - 1 if signed else 2**bits - 1
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _pact(x, alpha, bits, signed):
-  lo = -alpha if signed else jnp.zeros_like(alpha)
-  sc = alpha / _pact_levels(bits, signed)
-  return jnp.round(jnp.clip(x, lo, alpha) / sc) * sc
+  return pact_forward(x, alpha, bits, signed)  # what PactInput deploys
 
 
 def _pact_fwd(x, alpha, bits, signed):
@@ -263,13 +259,15 @@ def _plain_matmul(x, leaf, dims) -> bool:
 
 @compressed_leaf
 class FakeQuant(CompressedLeaf):
-  """A kernel under QAT. Children: float32 latent `weight`, float32 `step`
-  (QArray scale layout), integer `zero` (asymmetric int only) and PACT's
-  scalar `alpha`; the rest is static config."""
+  """A kernel under QAT. Children: float32 latent `weight` (the kernel's
+  shape), float32 `step` (QArray scale layout over the (K, N) matrix of the
+  `contract` axes), integer `zero` (asymmetric int only) and PACT's scalar
+  `alpha`; the rest is static config."""
 
   data_fields = ("weight", "step", "zero", "alpha")
-  meta_fields = ("shape", "dtype", "fmt", "axis", "mode", "g", "act",
+  meta_fields = ("shape", "dtype", "fmt", "contract", "mode", "g", "act",
                  "act_bits", "act_signed")
+  stage = Stage.QUANTIZE
 
   weight: Any
   step: Any
@@ -278,18 +276,25 @@ class FakeQuant(CompressedLeaf):
   shape: tuple[int, ...]
   dtype: str
   fmt: Any
-  axis: int
+  contract: tuple[int, ...]
   mode: str  # "lsq": step learned; "ste": step fixed
   g: float  # LSQ step-gradient scale
   act: str | None
   act_bits: int
   act_signed: bool
 
+  @property
+  def layout(self) -> MatrixLayout:
+    return MatrixLayout(tuple(self.shape), tuple(self.contract))
+
+  def describe(self) -> str:
+    return f"qat {self.fmt.name}"
+
   def fake_weight(self):
     """float32 fake-quantized weight (eq. 1-2), differentiable."""
     s = self.step if self.mode == "lsq" else jax.lax.stop_gradient(self.step)
     return fake_quant(self.weight, s, self.fmt, zero=self.zero,
-                      axis=self.axis, g=self.g)
+                      axis=self.contract, g=self.g)
 
   def materialize(self) -> jax.Array:
     return self.fake_weight().astype(self.dtype)
@@ -303,18 +308,19 @@ class FakeQuant(CompressedLeaf):
     return per_token_fake_quant(x, self.act)
 
   def validate(self) -> None:
-    shape, axis = tuple(self.shape), self.axis
+    shape = tuple(self.shape)
     self._expect("weight", self.weight, shape, kind="f")
     self._expect("step", self.step, kind="f")
-    if self.step.ndim != len(shape) or not 0 <= axis < max(len(shape), 1):
-      self._fail(f"step rank {self.step.ndim} / axis {axis} do not fit shape "
-                 f"{shape}")
-    for d, (n, s) in enumerate(zip(shape, self.step.shape)):
-      if not (s in (1, n) or (d == axis and n % s == 0)):
-        self._fail(f"step dim {d} has size {s}, which is neither 1, {n}, nor "
-                   f"a group count dividing {n} along axis {axis}")
+    nd = len(shape)
+    if not self.contract or any(not 0 <= a < nd for a in self.contract):
+      self._fail(f"contraction axes {self.contract} do not fit shape {shape}")
+    k, n = self.layout.k, self.layout.n
+    st = tuple(self.step.shape)
+    if len(st) != 2 or st[1] not in (1, n) or st[0] < 1 or k % st[0]:
+      self._fail(f"step has shape {st}; expected (G, {n}) or (G, 1) with G "
+                 f"dividing the contraction K={k}")
     if self.zero is not None:
-      self._expect("zero", self.zero, tuple(self.step.shape), kind="iu")
+      self._expect("zero", self.zero, st, kind="iu")
     if self.mode not in WEIGHT_MODES:
       self._fail(f"mode {self.mode!r} is not one of {WEIGHT_MODES}")
     if self.act not in ACTS:
@@ -328,38 +334,6 @@ class FakeQuant(CompressedLeaf):
     super().validate()
 
 
-@compressed_leaf
-class PactInput(CompressedLeaf):
-  """Export of a PACT-trained kernel: y = pact(x, alpha) @ weight, where
-  `weight` is any compressed leaf (a QArray from `export`) and the input is
-  clipped to [0, alpha] ([-alpha, alpha] when `signed`) and rounded to
-  `bits` with the static step alpha / (2^bits - 1) (signed: 2^(bits-1) - 1).
-  Like InputTransform, materialize() is the weight: the input quantizer only
-  exists on the matmul path."""
-
-  data_fields = ("weight", "alpha")
-  meta_fields = ("bits", "signed", "shape", "dtype")
-
-  weight: Any
-  alpha: Any
-  bits: int
-  signed: bool
-  shape: tuple[int, ...]
-  dtype: str
-
-  def materialize(self) -> jax.Array:
-    return materialize(self.weight).astype(self.dtype)
-
-  def validate(self) -> None:
-    if len(self.shape) != 2:
-      self._fail(f"needs a 2-D (in, out) weight, got shape {self.shape}")
-    self._expect("weight", self.weight, tuple(self.shape))
-    self._expect("alpha", self.alpha, (), kind="f")
-    if not 2 <= self.bits <= 8:
-      self._fail(f"bits must be in [2, 8], got {self.bits}")
-    super().validate()
-
-
 def _fake_quant_dot(x, leaf: FakeQuant, dims, out_dtype):
   if leaf.act is None or not _plain_matmul(x, leaf, dims):
     return None  # the dispatcher multiplies by materialize()
@@ -369,18 +343,7 @@ def _fake_quant_dot(x, leaf: FakeQuant, dims, out_dtype):
   return y.astype(out_dtype)
 
 
-def _pact_input_dot(x, leaf: PactInput, dims, out_dtype):
-  if not _plain_matmul(x, leaf, dims):
-    return None
-  xq = pact(x.astype(jnp.float32), leaf.alpha, leaf.bits, leaf.signed)
-  y = dispatch.dot_general(xq, leaf.weight, dims, lhs_leaf=False,
-                           dtype=jnp.float32,
-                           preferred_element_type=jnp.float32)
-  return y.astype(out_dtype)
-
-
 dispatch.register_dot_rule(FakeQuant, _fake_quant_dot)
-dispatch.register_dot_rule(PactInput, _pact_input_dot)
 
 
 # -- building, starting from PTQ, exporting ----------------------------------
@@ -412,30 +375,32 @@ def _check_train_cfg(path: str, shape, cfg) -> None:
 
 def _check_cfg(path: str, shape, cfg) -> None:
   _check_train_cfg(path, shape, cfg)
-  fmt = resolve_format(cfg, path)
-  if isinstance(fmt, str):
+  qcfg = {k: cfg[k] for k in _QUANT_KEYS if k in cfg}
+  fmt = resolve_format(qcfg, path, default_bits=DEFAULT_BITS)
+  if not fmt.capabilities.qat:
     raise CompressionError(
-        f"qat supports element formats (int2..int8, fp8/fp6/fp4, nf4, "
-        f"ternary, binary), not the block-scale scheme {fmt}; quantize this "
-        "param with PTQ or skip it with a rule", path)
-  check_quant_config(path, shape, {k: cfg[k] for k in _QUANT_KEYS if k in cfg})
+        f"qat supports formats with a plain float step per group (int2..int8,"
+        f" fp8/fp6/fp4, nf4, ternary, binary), not {fmt.name}, a block-scale "
+        "scheme or codebook whose scales are part of the format; quantize "
+        "this param with PTQ or skip it with a rule", path)
+  check_quant_config(path, shape, qcfg, default_bits=DEFAULT_BITS)
 
 
-def _make(path, weight, step, zero, shape, dtype, fmt, axis, cfg):
+def _make(path, weight, step, zero, shape, dtype, fmt, contract, cfg):
   act = cfg.get("act")
   alpha = None
   if act == "pact":
     alpha = jnp.asarray(cfg.get("act_alpha", PACT_ALPHA_INIT), jnp.float32)
   return FakeQuant(
       weight=weight, step=step, zero=zero, alpha=alpha, shape=tuple(shape),
-      dtype=jnp.dtype(dtype).name, fmt=fmt, axis=axis,
+      dtype=jnp.dtype(dtype).name, fmt=fmt, contract=tuple(contract),
       mode=cfg.get("weight", "lsq"),
       g=grad_scale(fmt, tuple(shape), tuple(step.shape)), act=act,
       act_bits=int(cfg.get("act_bits", 8)),
       act_signed=bool(cfg.get("act_signed", True)))
 
 
-def fake_quant_leaf(w, bits: int = 4, *, path: str = "<array>",
+def fake_quant_leaf(w, bits: int | None = None, *, path: str = "<array>",
                     **cfg) -> FakeQuant:
   """FakeQuant for float kernel `w` (config keys as `qat`). The step is the
   PTQ (`quantize_array`) scale (step_init="ptq", the default), or LSQ's
@@ -444,19 +409,20 @@ def fake_quant_leaf(w, bits: int = 4, *, path: str = "<array>",
   cfg = dict(cfg, bits=bits)
   _check_cfg(path, w.shape, cfg)
   qcfg = {k: cfg[k] for k in _QUANT_KEYS if k in cfg}
-  ptq = quantize_array(w, path=path, **qcfg)
-  fmt, axis = ptq.fmt, ptq.axis
+  fmt, _ = check_quant_config(path, w.shape, qcfg, default_bits=DEFAULT_BITS)
+  ptq = quantize_array(w, path=path, **dict(qcfg, bits=None, format=fmt))
   step, zero = ptq.scale.astype(jnp.float32), ptq.zero
   v = jnp.asarray(w, jnp.float32)
+  caps = fmt.capabilities
   if (cfg.get("weight", "lsq") == "lsq" and cfg.get("step_init", "ptq") ==
-      "lsq" and isinstance(fmt, IntFormat) and fmt.symmetric):
+      "lsq" and caps.uniform and not caps.zero_point):
     gs = cfg.get("group_size")
-    groups = 1 if gs is None else w.shape[axis] // gs
-    m = _scale_reduce(jnp.abs(v), jnp.mean, axis, groups,
-                      bool(cfg.get("per_tensor", False)))
+    vm = ptq.layout.to_matrix(jnp.abs(v))
+    groups = 1 if gs is None else ptq.layout.k // gs
+    m = group_reduce(vm, groups, jnp.mean, bool(cfg.get("per_tensor", False)))
     step = 2.0 * m / math.sqrt(q_p(fmt))
     step = jnp.where(step > 0, step, 1.0)  # all-zero group: any step is exact
-  return _make(path, v, step, zero, w.shape, w.dtype, fmt, axis, cfg)
+  return _make(path, v, step, zero, w.shape, w.dtype, fmt, ptq.contract, cfg)
 
 
 def _unwrap_ptq(path, leaf):
@@ -472,7 +438,7 @@ def _unwrap_ptq(path, leaf):
   if not isinstance(leaf, QArray):
     return None, None
   if leaf.scale is None or isinstance(leaf.scale, CompressedLeaf) or (
-      not isinstance(leaf.fmt, (IntFormat, FloatFormat, LevelsFormat))):
+      not leaf.fmt.capabilities.qat):
     raise CompressionError(
         "cannot start QAT from a QArray whose scale is itself compressed "
         "(double quantization, microscaling): QAT learns plain float steps; "
@@ -487,10 +453,9 @@ def _from_qarray(path, qa: QArray, act, cfg):
   _check_train_cfg(path, qa.shape, cfg)
   # The latent weight is the dequantized PTQ weight in float32 (not cast to
   # the param dtype), so rounding it with the same step gives back its codes.
-  latent = apply_groups(qa.code_values(), qa.scale_values(), qa.axis,
-                        lambda a, b: a * b)
+  latent = qa.layout.from_matrix(qa.matrix())
   return _make(path, latent, qa.scale_values(), qa.zero, qa.shape, qa.dtype,
-               qa.fmt, qa.axis, cfg)
+               qa.fmt, qa.contract, cfg)
 
 
 def from_ptq(qtree: Any, *, weight: str = "lsq", act: str | None = None,
@@ -514,16 +479,21 @@ class QatOptions(rules_lib.Options):
   """Quantization-aware training (see module doc)."""
 
   transform: ClassVar[str] = "qat"
-  bits: int = option(4, "integer bits when format is None")
+  bits: int | None = option(
+      None, "integer bits when format is None (None: 4); with a format, "
+      "optional and then equal to the format's bits")
   format: str | Format | None = option(
       None, "an element format (int2..int8, fp8/fp6/fp4, nf4, ternary, "
       "binary) instead of bits")
   group_size: int | None = option(
-      None, "inputs per step (None: per output channel)",
+      None, "elements per step along the contraction axes (None: per "
+      "output feature)",
       check=lambda g: g >= 1, must="be >= 1 (or None)")
   symmetric: bool = option(True, "False: integer codes with a zero point")
   per_tensor: bool = option(False, "one step for the whole tensor")
-  axis: int | None = option(None, "contraction axis (None: the input axis)")
+  axis: int | tuple[int, ...] | None = option(
+      None, "contraction axis or axes (None: from the shape, see "
+      "core.contraction)")
   weight: Literal[WEIGHT_MODES] = option(
       "lsq", "lsq: learned step (eq. 3); ste: fixed PTQ step")
   step_init: Literal[STEP_INITS] = option(
@@ -573,15 +543,13 @@ def qat(*, init: Any = None, options, rules,
 
 def export_leaf(leaf: FakeQuant, path: str = "<array>"):
   """The PTQ leaf a FakeQuant deploys as (see module docstring)."""
-  v = jnp.asarray(leaf.weight, jnp.float32)
+  v = leaf.layout.to_matrix(jnp.asarray(leaf.weight, jnp.float32))
   s = jnp.asarray(leaf.step, jnp.float32)
   z = None if leaf.zero is None else leaf.zero.astype(jnp.float32)
-  _, _, c, _ = _fq_parts(v, s, z, leaf.fmt, leaf.axis)
-  stored = leaf.fmt.encode(c)
-  codes = (layout.pack(stored, leaf.fmt.bits, leaf.axis)
-           if leaf.fmt.bits < 8 else stored)
-  qa = QArray(codes=codes, scale=s, zero=leaf.zero, shape=tuple(leaf.shape),
-              dtype=leaf.dtype, fmt=leaf.fmt, axis=leaf.axis)
+  _, _, c, _ = _fq_parts(v, s, z, leaf.fmt)
+  qa = QArray(codes=pack_codes(leaf.fmt.encode(c), leaf.fmt.bits), scale=s,
+              zero=leaf.zero, shape=tuple(leaf.shape), dtype=leaf.dtype,
+              fmt=leaf.fmt, contract=tuple(leaf.contract))
   if leaf.act is None:
     return qa
   if len(leaf.shape) != 2:

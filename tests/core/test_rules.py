@@ -104,13 +104,13 @@ def test_values_checked_at_build():
       (lambda: asvd({}, rank=4.5), r"option rank=4.5 must be int or None"),
       (lambda: T.sparsify(pattern="nm", n=2.0, m=4), r"option n=2.0 must be"),
       (lambda: wanda({}, pattern="nm", n=2, m=4.0), r"option m=4.0 must be"),
-      (lambda: T.quantize(True), r"option bits=True must be int, got bool"),
+      (lambda: T.quantize(True), r"option bits=True must be int or None, got bool"),
       (lambda: T.quantize(4, scale_dtype=jnp.int8), r"must be a float dtype"),
       (lambda: qat(4, weight="lqs"), r"did you mean 'lsq'\?"),
       (lambda: smoothquant({}, act="int4"), r"option act='int4' must be one "
        r"of None, 'int8'"),
       (lambda: T.quantize(4, rules=[("a", dict(bits=9.0))]),
-       r"quantize: rule 'a': option bits=9.0 must be int, got float"),
+       r"quantize: rule 'a': option bits=9.0 must be int or None, got float"),
   ]
   for call, match in cases:
     with pytest.raises(cj.CompressionError, match=match):

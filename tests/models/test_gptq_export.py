@@ -18,6 +18,7 @@ from compressjax.core.lowrank import LowRank
 from compressjax.core.qarray import QArray
 from compressjax.core.sparse import SparseArray
 from compressjax.core.tree import map_with_paths
+from compressjax.core.contraction import MatrixLayout
 from compressjax.formats.integer import IntFormat
 from compressjax.formats.levels import NF4
 from compressjax.models import hub
@@ -158,7 +159,7 @@ def _qarray(codes, scale, zero, bits, symmetric, dtype="float32"):
   packed = (np.asarray(layout.pack(stored, bits, 0)) if bits < 8 else stored)
   return QArray(codes=jnp.asarray(packed), scale=jnp.asarray(scale),
                 zero=None if zero is None else jnp.asarray(zero, jnp.uint8),
-                shape=codes.shape, dtype=dtype, fmt=fmt, axis=0)
+                shape=codes.shape, dtype=dtype, fmt=fmt, contract=(0,))
 
 
 def test_full_range_symmetric_grid_and_known_words(toy, tmp_path):
@@ -225,9 +226,11 @@ def _with(toy, path, leaf):
 
 def _q(shape, bits=4, fmt=None, axis=0, symmetric=True):
   fmt = fmt or IntFormat(bits, symmetric)
-  return QArray(codes=np.zeros(shape, np.uint8), scale=np.ones((1, shape[1]),
-                np.float32), zero=None, shape=shape, dtype="float32", fmt=fmt,
-                axis=axis)
+  lay = MatrixLayout(shape, (axis,))
+  rows = lay.k if fmt.bits >= 8 else -(-lay.k * fmt.bits // 8)  # packed
+  return QArray(codes=np.zeros((rows, lay.n), np.uint8),
+                scale=np.ones((1, lay.n), np.float32), zero=None, shape=shape,
+                dtype="float32", fmt=fmt, contract=(axis,))
 
 
 @pytest.mark.parametrize("path,leaf,match", [
@@ -237,7 +240,7 @@ def _q(shape, bits=4, fmt=None, axis=0, symmetric=True):
     (UP, LowRank(np.zeros((32, 4)), np.zeros((4, 64)), None, (32, 64),
                  "float32"), r"LowRank leaf has no GPTQ form"),
     (UP, _q((32, 64), fmt=NF4), r"nf4 codes have no GPTQ form"),
-    (UP, _q((32, 64), axis=1), r"groups run along axis 1"),
+    (UP, _q((32, 64), axis=1), r"groups run along axes \(1,\)"),
     (UP, _q((32, 64), bits=5), r"5-bit codes"),
     ("params/lm_head/kernel", _q((32, 40), bits=3), r"multiples of 32"),
     ("params/embed/embedding", _q((40, 32)), r"'model.embed.weight' is not a "

@@ -1,5 +1,7 @@
 """The blocked XLA quantized matmuls equal the plain-jnp references."""
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,13 +41,27 @@ def problems(draw):
                                   lut=lut)
 
 
-@settings(max_examples=15)
-@given(problems())
-def test_blocked_equals_reference(p):
+@contextlib.contextmanager
+def whole_tile_limit(nbytes):
+  saved = xla_matmul.DENSE_TILE_BYTES
+  xla_matmul.DENSE_TILE_BYTES = nbytes
+  try:
+    yield
+  finally:
+    xla_matmul.DENSE_TILE_BYTES = saved
+
+
+# 0: every weight scanned in K blocks (large weights); 2**40: every weight
+# dequantized as one tile (small weights)
+@pytest.mark.parametrize("limit", [0, 2**40], ids=["scanned", "whole_tile"])
+@settings(max_examples=12, deadline=None)
+@given(p=problems())
+def test_blocked_equals_reference(limit, p):
   x, codes, scale, zero, kw = p
-  harness.check_forward(xla_matmul.quantized_matmul,
-                        reference.quantized_matmul, x, codes, scale, zero,
-                        **kw)
+  with whole_tile_limit(limit):
+    harness.check_forward(xla_matmul.quantized_matmul,
+                          reference.quantized_matmul, x, codes, scale, zero,
+                          **kw)
 
 
 @pytest.mark.parametrize("k,block", [(1000, None), (4096, None), (100, 64)])
@@ -55,7 +71,8 @@ def test_explicit_and_padded_blocks(k, block):
   scale = jnp.asarray(rng.uniform(0.5, 2, (1, 24)), jnp.float32)
   x = jnp.asarray(rng.normal(size=(3, k)), jnp.float32)
   kw = dict(bits=4, k=k, offset=-8)
-  y = xla_matmul.quantized_matmul(x, codes, scale, block=block, **kw)
+  with whole_tile_limit(0):  # these shapes are small enough for one tile
+    y = xla_matmul.quantized_matmul(x, codes, scale, block=block, **kw)
   harness.assert_close(y, reference.quantized_matmul(x, codes, scale, **kw),
                        jnp.float32)
 
@@ -70,14 +87,16 @@ def test_block_choice_respects_groups_and_bytes():
   assert xla_matmul.choose_block(45, 15, 2) is None  # odd packed groups
 
 
-def test_gradients_match_reference():
+@pytest.mark.parametrize("limit", [0, 2**40], ids=["scanned", "whole_tile"])
+def test_gradients_match_reference(limit):
   rng = np.random.default_rng(0)
   codes = layout.pack(jnp.asarray(rng.integers(0, 16, (64, 8)), jnp.uint8), 4)
   scale = jnp.asarray(rng.uniform(0.5, 2, (4, 8)), jnp.float32)
   x = jnp.asarray(rng.normal(size=(3, 64)), jnp.float32)
   f = lambda impl: lambda x, s: impl(x, codes, s, bits=4, k=64, offset=-8)  # noqa: E731
-  harness.check_vjp(f(xla_matmul.quantized_matmul),
-                    f(reference.quantized_matmul), x, scale, argnums=(0, 1))
+  with whole_tile_limit(limit):
+    harness.check_vjp(f(xla_matmul.quantized_matmul),
+                      f(reference.quantized_matmul), x, scale, argnums=(0, 1))
 
 
 @pytest.mark.parametrize("k", [7, 1024, 2048, 3000])

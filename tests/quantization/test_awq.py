@@ -154,17 +154,17 @@ def test_folding_is_exact_on_rmsnorm_transformer():
 
 # -- numpy reference ---------------------------------------------------------
 
-def np_rtn(w, bits, gs, symmetric):
+def np_rtn(w, bits, gs, symmetric, narrow=False):
   """Round-to-nearest per group of gs inputs and output column (float64)."""
   w = np.asarray(w, np.float64)
   k, n = w.shape
   gs = gs or k
   g = w.reshape(k // gs, gs, n)
-  if symmetric:
+  if symmetric:  # full-range grid: s = 2 max|w| / (2^b - 1); narrow: / qmax
     qmax = 2**(bits - 1) - 1
-    s = np.abs(g).max(1, keepdims=True) / qmax
+    s = np.abs(g).max(1, keepdims=True) / (qmax if narrow else qmax + 0.5)
     s[s == 0] = 1
-    q = np.clip(np.round(g / s), -qmax - 1, qmax) * s
+    q = np.clip(np.round(g / s), -qmax - (0 if narrow else 1), qmax) * s
   else:
     hi = np.maximum(g.max(1, keepdims=True), 0)
     lo = np.minimum(g.min(1, keepdims=True), 0)
@@ -215,13 +215,17 @@ def test_search_quantizer_is_rtn():
                                          (4, None, True)])
 def test_scale_search_is_the_grid_minimizer(bits, gs, sym):
   x, ws = _layer(seed=bits)
-  res = search_scale(ws, x.T @ x, np.abs(x).mean(0), bits=bits, group_size=gs,
-                     symmetric=sym, count=len(x))
+  # symmetric: the narrow grid, since the full one puts each group's absmax
+  # on a rounding tie that float32 and this float64 reference break apart
+  fmt = f"int{bits}_narrow" if sym else None
+  res = search_scale(ws, x.T @ x, np.abs(x).mean(0), bits=bits, format=fmt,
+                     group_size=gs, symmetric=sym, count=len(x))
+  rtn_ = lambda w: np_rtn(w, bits, gs, sym, narrow=sym)
   brute = []
   for a in np.arange(20) / 20:
     s = np_awq_scale(x, a)[:, None]
-    loss = [np.mean((x.astype(np.float64) @ (w - np_rtn(s * w, bits, gs, sym)
-                                             / s))**2, axis=0) for w in ws]
+    loss = [np.mean((x.astype(np.float64) @ (w - rtn_(s * w) / s))**2,
+                    axis=0) for w in ws]
     brute.append(np.mean(np.concatenate(loss)))
   brute = np.array(brute)
   np.testing.assert_allclose(res.losses, brute, rtol=2e-3)
@@ -230,8 +234,7 @@ def test_scale_search_is_the_grid_minimizer(bits, gs, sym):
                              rtol=1e-4)
   # alpha = 0 is s = 1, i.e. plain RTN: the search is never worse than it
   rtn = np.mean(np.concatenate([np.mean(
-      (x.astype(np.float64) @ (w - np_rtn(w, bits, gs, sym)))**2, axis=0)
-      for w in ws]))
+      (x.astype(np.float64) @ (w - rtn_(w)))**2, axis=0) for w in ws]))
   np.testing.assert_allclose(res.losses[0], rtn, rtol=2e-3)
   assert res.losses.min() <= res.losses[0]
 

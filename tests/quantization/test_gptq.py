@@ -11,8 +11,10 @@ from compressjax.quantization import quantize_array
 from compressjax.quantization.gptq import gptq, gptq_quantize
 
 
-def gptq_reference(w, h, bits, gs, damp=0.01):
-  """Frantar et al. Alg. 1 without lazy batching, float64, symmetric."""
+def gptq_reference(w, h, bits, gs, damp=0.01, full=False):
+  """Frantar et al. Alg. 1 without lazy batching, float64, symmetric: the
+  narrow grid (-qmax..qmax, s = max|w| / qmax), or `full`, the reference
+  code's quantizer (zero 2^(b-1), s = 2 max|w| / (2^b - 1))."""
   W = np.asarray(w, np.float64).T.copy()  # (out, in)
   H = np.asarray(h, np.float64).copy()
   n, k = W.shape
@@ -26,9 +28,9 @@ def gptq_reference(w, h, bits, gs, damp=0.01):
   s = None
   for j in range(k):
     if j % gs == 0:
-      s = np.abs(W[:, j:j + gs]).max(1) / qmax
+      s = np.abs(W[:, j:j + gs]).max(1) / (qmax + 0.5 if full else qmax)
       s[s == 0] = 1
-    q = np.clip(np.round(W[:, j] / s), -qmax - 1, qmax) * s
+    q = np.clip(np.round(W[:, j] / s), -qmax - full, qmax) * s
     err = (W[:, j] - q) / U[j, j]
     W[:, j:] -= np.outer(err, U[j, j:])
     out[:, j] = q
@@ -44,14 +46,19 @@ def _data(k=64, n=16, t=256, seed=0):
   return x, w, 2 * x.T @ x / t
 
 
-@pytest.mark.parametrize("bits,gs", [(4, 16), (3, 64), (4, 64)])
-def test_matches_float64_reference(bits, gs):
+@pytest.mark.parametrize("bits,gs,full", [(4, 16, False), (3, 64, False),
+                                         (4, 64, False), (4, 16, True)])
+def test_matches_float64_reference(bits, gs, full):
   x, w, h = _data()
-  q = gptq_quantize(w, h, bits=bits, group_size=gs, block_size=32)
-  ref = gptq_reference(w, h, bits, gs)
+  q = gptq_quantize(w, h, format=f"int{bits}_{'full' if full else 'narrow'}",
+                    group_size=gs, block_size=32)
+  ref = gptq_reference(w, h, bits, gs, full=full)
   got = np.asarray(q.materialize(), np.float64)
   same = np.isclose(got, ref, rtol=1e-4, atol=1e-5)
-  assert same.mean() > 0.98  # float32 vs float64 may flip a rare rounding
+  # float32 vs float64 may flip a rare rounding; on the full grid each
+  # group's absmax lands on a tie (-7.5: the same error either way) that the
+  # two precisions may break differently
+  assert same.mean() > (0.93 if full else 0.98)
   out = lambda v: np.linalg.norm(np.asarray(x, np.float64) @ v)
   assert abs(out(got - np.asarray(w)) - out(ref - np.asarray(w))) < 0.02 * out(
       ref - np.asarray(w))

@@ -227,12 +227,14 @@ W = jax.random.normal(jax.random.key(6), (3, 32, 8))
 
 
 def _per_layer_qarray(w):
-  """Per-layer QArrays stacked child by child: every child carries L."""
+  """Per-layer QArrays stacked: the layer axis is the major part of the
+  stored columns, so each child is the layers' children side by side."""
   qs = [quantize_array(w[i], 4, group_size=8, symmetric=False)
         for i in range(3)]
-  stack = lambda f: jnp.stack([getattr(q, f) for q in qs])
+  stack = lambda f: jnp.concatenate([getattr(q, f) for q in qs], axis=1)
   return dataclasses.replace(qs[0], codes=stack("codes"), scale=stack("scale"),
-                             zero=stack("zero"), shape=w.shape, axis=1), qs
+                             zero=stack("zero"), shape=w.shape,
+                             contract=(1,)), qs
 
 
 STACKABLE = {  # stacked (3, 32, 8) leaves, compressed along axis 1

@@ -47,8 +47,9 @@ def sparsegpt_reference(w, h, *, sparsity=0.5, nm=None, bs=16, damp=0.01,
     rnd = lambda y: np.clip(np.round(y), qmin, qmax)
 
   def scale_zero(x, axis):
-    if symmetric:
-      s = np.abs(x).max(axis) / qmax
+    if symmetric:  # levels: max|level|; integers: the full grid, (qmax-qmin)/2
+      s = np.abs(x).max(axis) / (qmax if levels is not None else
+                                 (qmax - qmin) / 2)
       z = np.zeros_like(s)
     else:
       hi, lo = np.maximum(x.max(axis), 0), np.minimum(x.min(axis), 0)

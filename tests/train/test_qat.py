@@ -21,8 +21,9 @@ K, N = 8, 6
 # format name -> quantize_array kwargs, and the code range [lo, hi] of y = w/s
 # (+ z): the clipping interval of the STE, written out independently.
 FORMATS = {
-    "int2": (dict(bits=2), (-2, 1)),
+    "int2": (dict(bits=2), (-2, 1)),  # the default grid: full range
     "int4": (dict(bits=4), (-8, 7)),
+    "int4_narrow": (dict(format="int4_narrow"), (-7, 7)),
     "int8": (dict(bits=8), (-128, 127)),
     "int4_asym": (dict(bits=4, symmetric=False), (0, 15)),
     "fp8_e4m3": (dict(format="fp8_e4m3"), (-448, 448)),
@@ -78,13 +79,15 @@ def test_ste_gradient_is_one_inside_range_zero_outside(fmt, gran, shrink,
 
 @settings(max_examples=8)
 @given(bits=st.sampled_from([2, 3, 4, 8]), gran=st.sampled_from(sorted(GRANS)),
-       seed=st.integers(0, 2**16))
-def test_lsq_step_gradient_is_eq3_times_g(bits, gran, seed):
+       full=st.booleans(), seed=st.integers(0, 2**16))
+def test_lsq_step_gradient_is_eq3_times_g(bits, gran, full, seed):
   w = _weight(seed)
-  leaf = Q.fake_quant_leaf(w, bits, weight="lsq", step_init="lsq",
-                           **GRANS[gran])
+  # LSQ's signed grid is the full range (Q_N = 2^(b-1)); the default narrow
+  # grid (int<b>_narrow) has Q_N = Q_P
+  leaf = Q.fake_quant_leaf(w, format=f"int{bits}_{'full' if full else 'narrow'}",
+                           weight="lsq", step_init="lsq", **GRANS[gran])
   # the paper's init: s = 2 mean|v| / sqrt(Q_P) per step
-  qn, qp = 2.0**(bits - 1), 2.0**(bits - 1) - 1
+  qn, qp = 2.0**(bits - 1) - (not full), 2.0**(bits - 1) - 1
   n_w = w.size // leaf.step.size
   mean = _per_step_sum(np.abs(np.asarray(w)), leaf.step.shape) / n_w
   np.testing.assert_allclose(leaf.step, 2 * mean / np.sqrt(qp), rtol=1e-6)
@@ -138,7 +141,7 @@ def test_forward_and_export_are_ptq_numbers(fmt, gran, seed):
     if a is not None:
       assert a.dtype == b.dtype
       np.testing.assert_array_equal(a, b)
-  assert (ex.fmt, ex.axis, ex.shape) == (ptq.fmt, ptq.axis, ptq.shape)
+  assert (ex.fmt, ex.contract, ex.shape) == (ptq.fmt, ptq.contract, ptq.shape)
 
 
 class MLP(nn.Module):
@@ -377,3 +380,29 @@ def test_bad_inputs_name_the_path():
   with pytest.raises(cj.CompressionError, match="init has shape"):
     Q.qat(4, init={"params": {"w": quantize_array(jnp.ones((2, 3)))}}).apply(
         {"params": {"w": jnp.ones((4, 3))}})
+
+
+def test_nd_kernels_get_steps_per_output_feature():
+  """An Einsum in-projection (d, heads, head_dim) with heads of magnitude
+  1 / 0.1 / 0.01 / 10: one step per output feature (heads x head_dim), so
+  every head keeps int8's error, as the same weights in 2-D."""
+  heads = jnp.asarray([1.0, 0.1, 0.01, 10.0])[None, :, None]
+  w = jax.random.normal(jax.random.key(0), (32, 4, 8)) * heads
+  for mode in ("ste", "lsq"):
+    leaf = Q.fake_quant_leaf(w, 8, weight=mode, step_init="ptq")
+    assert leaf.contract == (0,) and leaf.step.shape == (1, 32)
+    ptq = quantize_array(w, 8)
+    np.testing.assert_array_equal(leaf.materialize(), ptq.materialize())
+    d = np.asarray(leaf.materialize() - w).transpose(1, 0, 2).reshape(4, -1)
+    rel = np.linalg.norm(d, axis=1) / np.linalg.norm(
+        np.asarray(w).transpose(1, 0, 2).reshape(4, -1), axis=1)
+    assert rel.max() < 0.01, rel
+    ex = Q.export_leaf(leaf)
+    assert ex.contract == (0,)
+    np.testing.assert_array_equal(ex.codes, ptq.codes)
+  lsq = Q.fake_quant_leaf(w, 4)  # LSQ init, per output feature
+  m = np.abs(np.asarray(w)).reshape(32, 32).mean(0)
+  np.testing.assert_allclose(np.asarray(lsq.step)[0], 2 * m / np.sqrt(7),
+                             rtol=1e-5)
+  gw, gs = _leaf_grads(lsq, jnp.ones_like(w))
+  assert gw.shape == w.shape and gs.shape == (1, 32)
