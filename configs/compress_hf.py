@@ -61,6 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.quant = ml_collections.ConfigDict()
   c.quant.head_bits = 32           # >= 16: LM head / classifier stay float
   c.quant.group_size = 128
+  c.quant.gptq_scale_dtype = "float16"  # GPTQ rows: exact GPTQ export
   c.quant.nf4_group_size = 64
   c.quant.smooth_alpha = 0.5
   c.sparsity = ml_collections.ConfigDict()

@@ -300,18 +300,24 @@ _STATS = frozenset({"stats"})
 def _gptq(name, c, bits, group, seq):
   _bits(name, bits)
 
+  # scales stored in config.quant.gptq_scale_dtype (float16: exactly what a
+  # GPTQ checkpoint holds, compress_hf's export)
+  sd = c.quant.get("gptq_scale_dtype", "float32")
+  sd_note = "" if sd == "float32" else f", {sd} scales"
+
   def build_for(ctx):
     return lambda stats: gptq(stats, bits, group_size=group,
-                              rules=head_rules(ctx, bits))
+                              scale_dtype=sd, rules=head_rules(ctx, bits))
 
   if seq:
     return Row(
-        name, f"GPTQ int{bits}, groups of {group}, sequential: each block "
-        f"calibrated on the compressed blocks before it{_head_note(c, bits)}",
+        name, f"GPTQ int{bits}, groups of {group}{sd_note}, sequential: each "
+        f"block calibrated on the compressed blocks before it"
+        f"{_head_note(c, bits)}",
         lambda ctx: sequential(ctx.model, ctx.baseline, ctx.calib_inputs,
                                build_for(ctx), progress=ctx.log),
         frozenset({"calib"}))
-  return Row(name, f"GPTQ int{bits}, groups of {group}, one-shot "
+  return Row(name, f"GPTQ int{bits}, groups of {group}{sd_note}, one-shot "
              f"calibration{_head_note(c, bits)}",
              lambda ctx: build_for(ctx)(ctx.stats), _STATS)
 
