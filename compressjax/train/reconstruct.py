@@ -57,7 +57,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from pallas_kernels import layout
 from compressjax.calibrate.capture import LayerStats
 from compressjax.calibrate.sequential import (block_prefix, execution_order,
                                               stages_of)
@@ -65,7 +64,7 @@ from compressjax.core import rules as rules_lib
 from compressjax.core import transform as transform_lib
 from compressjax.core.base import CompressedLeaf
 from compressjax.core.errors import CompressionError
-from compressjax.core.qarray import QArray, apply_groups
+from compressjax.core.qarray import QArray, apply_groups, pack_codes
 from compressjax.core.rules import default_filter, option, resolve
 from compressjax.core.tree import (leaves_with_paths, map_with_paths,
                                    materialize_tree)
@@ -82,8 +81,10 @@ _HP = jax.lax.Precision.HIGHEST
 
 @dataclasses.dataclass(frozen=True)
 class _Kernel:
-  """A float kernel and the QArray it starts from (its format and scales)."""
-  w: jax.Array      # float32, the kernel's shape
+  """A float kernel and the QArray it starts from (its format and scales).
+  `w` is the kernel's (K, N) matrix over the start's contraction axes
+  (`QArray.layout`), the layout its codes and (G, N) scales use."""
+  w: jax.Array      # float32 (K, N)
   start: QArray     # RTN or the init tree's QArray
 
   @property
@@ -100,9 +101,14 @@ def _rect_sigmoid(v):
   return jnp.clip(jax.nn.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
 
 
-def _init_v(w, s, axis):
-  """V with h(V) = frac(W / s) (AdaRound Sec. 5: W~ = W at the start)."""
-  u = apply_groups(w, s, axis, lambda a, b: a / b)
+def _kernel(w, start: QArray) -> _Kernel:
+  return _Kernel(start.layout.to_matrix(jnp.asarray(w, jnp.float32)), start)
+
+
+def _init_v(w, s):
+  """V with h(V) = frac(W / s) (AdaRound Sec. 5: W~ = W at the start); w
+  the (K, N) matrix, s its (G, N) scales."""
+  u = apply_groups(w, s, lambda a, b: a / b)
   frac = u - jnp.floor(u)
   p = jnp.clip((frac - GAMMA) / (ZETA - GAMMA), 1e-4, 1 - 1e-4)
   return jnp.log(p) - jnp.log1p(-p)
@@ -121,8 +127,8 @@ def _scale(k: _Kernel, p: Mapping[str, Any]):
 
 def _codes(k: _Kernel, p: Mapping[str, Any], s, hard: bool):
   """Float codes of the current state (soft h for AdaRound unless hard)."""
-  fmt, axis = k.start.fmt, k.start.axis
-  u = apply_groups(k.w, s, axis, lambda a, b: a / b)
+  fmt = k.start.fmt
+  u = apply_groups(k.w, s, lambda a, b: a / b)
   if "v" in p:
     h = (p["v"] >= 0).astype(jnp.float32) if hard else _rect_sigmoid(p["v"])
     c = jnp.floor(jax.lax.stop_gradient(u)) + h
@@ -132,9 +138,10 @@ def _codes(k: _Kernel, p: Mapping[str, Any], s, hard: bool):
 
 
 def soft_weight(k: _Kernel, p: Mapping[str, Any], hard: bool = False):
+  """The (K, N) matrix of the current quantized weight."""
   s = _scale(k, p)
   c = _codes(k, p, s, hard)
-  return apply_groups(c, s, k.start.axis, lambda a, b: a * b)
+  return apply_groups(c, s, lambda a, b: a * b)
 
 
 def _round_reg(p, beta):
@@ -153,11 +160,11 @@ def _beta(step, iters, warmup: float, hi=20.0, lo=2.0):
 
 def export_kernel(k: _Kernel, p: Mapping[str, Any]) -> QArray:
   """The learned state as a QArray in the start's layout (hard rounding)."""
-  fmt, axis = k.start.fmt, k.start.axis
+  fmt = k.start.fmt
   s = _scale(k, p).astype(jnp.float32)
   c = _codes(k, p, s, hard=True)
   stored = fmt.encode(c)
-  codes = layout.pack(stored, fmt.bits, axis) if fmt.bits < 8 else stored
+  codes = pack_codes(stored, fmt.bits)
   return dataclasses.replace(k.start, codes=codes, scale=s)
 
 
@@ -174,8 +181,7 @@ def _phase_params(kernels: Mapping[str, _Kernel], phase: str, prev):
     if phase == "lwc":
       out[path] = {"g": jnp.full(k.s0.shape, LWC_INIT, jnp.float32)}
     else:
-      out[path] = {"v": _init_v(k.w, _scale(k, prev.get(path, {})),
-                                k.start.axis)}
+      out[path] = {"v": _init_v(k.w, _scale(k, prev.get(path, {})))}
   return out
 
 
@@ -290,7 +296,7 @@ def reconstruct_layer(w, gram, count, start: QArray, *, method: str,
                       warmup: float) -> tuple[QArray, dict]:
   """One kernel: learns its rounding / clipping to minimize
   ||X (W - W~)||^2 / N given X^T X (`gram`) over N (`count`) inputs."""
-  k = _Kernel(jnp.asarray(w, jnp.float32), start)
+  k = _kernel(w, start)
   h = jnp.asarray(gram, jnp.float32)
   n = jnp.maximum(jnp.asarray(count, jnp.float32), 1.0)
   facts = {"start_error": float(_layer_err({"k": {}}, 0, ({"k": k}, h, n)))}
@@ -305,8 +311,7 @@ def reconstruct_layer(w, gram, count, start: QArray, *, method: str,
         adaround=phase == "adaround")
     learned = out["k"]
   qa = export_kernel(k, learned)
-  d = k.w - qa.materialize().astype(jnp.float32)
-  d = d.reshape(d.shape[0], -1)
+  d = k.w - qa.matrix()
   facts["error"] = float(jnp.sum(d * jnp.matmul(h, d, precision=_HP)) / n)
   return qa, facts
 
@@ -317,8 +322,7 @@ def _layer_err(p, i, data):
   ks, h, n = data
   total = 0.0
   for path, k in ks.items():
-    rest = math.prod(k.w.shape[1:])
-    d = (k.w - soft_weight(k, p[path])).reshape(k.w.shape[0], rest)
+    d = k.w - soft_weight(k, p[path])
     total = total + jnp.sum(d * jnp.matmul(h, d, precision=_HP)) / n
   return total
 
@@ -430,8 +434,8 @@ def reconstruct_blocks(model: Any, params: Any, batches: Iterable[Any], *,
       key = ""  # no sown output: the model's output
     tgt = jnp.stack([t[key] for t in targets]).astype(jnp.float32)
     leaves = dict(leaves_with_paths(tree))
-    kernels = {p: _Kernel(jnp.asarray(leaves[p], jnp.float32),
-                          _start_qarray(p, leaves[p], plan.configs[p], start))
+    kernels = {p: _kernel(leaves[p], _start_qarray(p, leaves[p],
+                                                   plan.configs[p], start))
                for p in paths}
     dense = materialize_tree(tree)  # earlier stages: exact float values
     dtypes = {p: leaves[p].dtype for p in paths}
@@ -439,7 +443,8 @@ def reconstruct_blocks(model: Any, params: Any, batches: Iterable[Any], *,
     def err(p, i, data, key=key, dtypes=dtypes):
       ks, t, xs, tgt = data
       for path, k in ks.items():
-        t = _put(t, path, soft_weight(k, p[path]).astype(dtypes[path]))
+        t = _put(t, path, k.start.layout.from_matrix(
+            soft_weight(k, p[path])).astype(dtypes[path]))
       y = outputs(t, xs[i])[key].astype(jnp.float32)
       d = y - tgt[i]
       return jnp.mean(jnp.sum(d.reshape(-1, d.shape[-1]) ** 2, -1))

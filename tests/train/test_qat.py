@@ -400,7 +400,7 @@ def test_nd_kernels_get_steps_per_output_feature():
     ex = Q.export_leaf(leaf)
     assert ex.contract == (0,)
     np.testing.assert_array_equal(ex.codes, ptq.codes)
-  lsq = Q.fake_quant_leaf(w, 4)  # LSQ init, per output feature
+  lsq = Q.fake_quant_leaf(w, 4, step_init="lsq")  # per output feature
   m = np.abs(np.asarray(w)).reshape(32, 32).mean(0)
   np.testing.assert_allclose(np.asarray(lsq.step)[0], 2 * m / np.sqrt(7),
                              rtol=1e-5)

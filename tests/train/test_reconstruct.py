@@ -45,8 +45,8 @@ def test_rectified_sigmoid_and_init_against_numpy():
   def parts(w):
     start = quantize_array(w, 3, group_size=16)
     s = start.scale_values()
-    v = R._init_v(w, s, 0)
-    return s, v, R._rect_sigmoid(v), R.soft_weight(R._Kernel(w, start),
+    v = R._init_v(w, s)
+    return s, v, R._rect_sigmoid(v), R.soft_weight(R._kernel(w, start),
                                                    {"v": v})
 
   s, v, h_jax, soft = (np.asarray(x) for x in parts(jnp.asarray(w)))
@@ -58,8 +58,12 @@ def test_rectified_sigmoid_and_init_against_numpy():
   assert inner.mean() > 0.9  # each group's absmax weight is on the grid
   np.testing.assert_allclose(h[inner], frac[inner], atol=2e-4)
   np.testing.assert_allclose(h_jax, h, atol=1e-5)
-  # the soft weight at the start is W itself (inside the grid)
-  np.testing.assert_allclose(soft, w, atol=1e-5)
+  # the soft weight at the start is W itself inside the grid, W clipped to
+  # it outside (the full-range int3 grid [-4, 3] with absmax / 4 scales
+  # clips the largest positive weights)
+  lo, hi = np.repeat(s, 16, axis=0) * -4, np.repeat(s, 16, axis=0) * 3
+  np.testing.assert_allclose(soft, np.clip(w, lo, hi), atol=1e-5)
+  assert np.mean((w >= lo) & (w <= hi)) > 0.9
 
 
 @pytest.mark.parametrize("method, most", [
@@ -75,7 +79,8 @@ def test_layer_error_below_rtn_and_export_is_a_qarray(method, most):
   np.testing.assert_allclose(facts["error"], got, rtol=1e-4)
   assert got < most * rtn, (got, rtn)
   qa.validate()
-  assert (qa.shape, qa.fmt, qa.axis) == (start.shape, start.fmt, start.axis)
+  assert (qa.shape, qa.fmt, qa.contract) == (start.shape, start.fmt,
+                                             start.contract)
   s, s0 = np.asarray(qa.scale_values()), np.asarray(start.scale_values())
   codes = np.asarray(qa.code_values())
   if method == "adaround":
@@ -119,8 +124,12 @@ def test_transform_from_rtn_and_from_gptq():
                       **KW).apply(params)
   assert all(isinstance(out["params"][f"layers_{i}"]["kernel"], QArray)
              for i in (0, 2, 4))
-  assert _out_err(model, out, params, x) < 0.7 * _out_err(model, rtn,
-                                                          params, x)
+  # 0.7 on the narrow int2 grid [-1, 1]; on the full-range default [-2, 1]
+  # RTN's absmax / 2 scale clips the largest positive weights, which
+  # learned rounding (scale fixed) and clipping (scale only shrinks) cannot
+  # undo: ~0.81 here
+  assert _out_err(model, out, params, x) < 0.85 * _out_err(model, rtn,
+                                                           params, x)
   # starting from GPTQ: AdaRound keeps GPTQ's scales
   g = gptq(stats, 2, group_size=16).apply(params)
   ada = R.reconstruct(stats, 2, group_size=16, method="adaround", init=g,
