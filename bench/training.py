@@ -605,20 +605,19 @@ def _qwix_like_tree(ctx, f, seed):
   exported by the int4_g128 row (RTN) of the trained weights."""
   c, model, variables = ctx.config, ctx.model, ctx.baseline
   quant = rows.make("int4_g128", c).build(ctx)
-  # per quantized path: format, axis and group size of the RTN row
+  # per quantized path: format, contraction axes and group size of the row
   how = {}
   for path, qa in leaves_with_paths(jax.eval_shape(quant.apply, variables)):
     if isinstance(qa, cj.QArray):
-      n = qa.scale.shape[qa.axis]
-      how[path] = (qa.fmt, qa.axis,
-                   None if n == 1 else qa.shape[qa.axis] // n)
+      how[path] = (qa.fmt, qa.contract,
+                   None if qa.groups == 1 else qa.group_size)
 
   def fq(path, w):
     if path not in how:
       return w
     fmt, axis, group = how[path]
-    s = quantize_array(jax.lax.stop_gradient(w), fmt.bits, group_size=group,
-                       axis=axis).scale_values()
+    s = quantize_array(jax.lax.stop_gradient(w), format=fmt,
+                       group_size=group, axis=axis).scale_values()
     return qat.fake_quant(w, s, fmt, axis=axis)
 
   def loss_fn(p, batch, rng):
