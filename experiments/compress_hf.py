@@ -210,7 +210,10 @@ def bert_task(c, pre: hub.Pretrained, log: Log) -> dict:
                           for b, r in zip(evals, ref)])
     return dict(value=float(cos.mean()), min_cos=float(cos.min()))
 
-  calib_inputs, desc = _calibration(c, calib, lambda b: b.args())
+  # TokenBatch as is: capture weights the statistics by its mask, so
+  # padding stays out of them
+  calib_inputs, desc = _calibration(c, calib, lambda b: b)
+  desc["padding_in_statistics"] = False
   return dict(
       metric="embed_cos", evaluate=evaluate, calib_inputs=calib_inputs,
       calibration=desc, columns=("min_cos",), capture_method="pooled",

@@ -154,6 +154,7 @@ def test_bert_embedding_cosine(tmp_path):
   assert 0.8 < res["gptq_int4_g16"]["value"] < res["int8"]["value"]
   cal = res["gptq_int4_g16"]["calibration"]
   assert cal["kind"] == "texts" and cal["padding_fraction"] > 0
+  assert cal["padding_in_statistics"] is False
   assert res["gptq_int4_g16"]["gptq_export"]["layers"] >= 12
   print({k: (r["value"], r["min_cos"]) for k, r in res.items()})
 

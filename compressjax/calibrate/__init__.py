@@ -1,6 +1,9 @@
-from compressjax.calibrate.capture import LayerStats, capture
+from compressjax.calibrate.capture import (Batch, LayerStats, Stats, capture,
+                                           describe)
+from compressjax.calibrate.compile_cache import enable_compilation_cache
 from compressjax.calibrate.sequential import (block_prefix, execution_order,
                                               one_shot, sequential, stages_of)
 
-__all__ = ["LayerStats", "block_prefix", "capture", "execution_order",
+__all__ = ["Batch", "LayerStats", "Stats", "block_prefix", "capture",
+           "describe", "enable_compilation_cache", "execution_order",
            "one_shot", "sequential", "stages_of"]

@@ -60,13 +60,11 @@ from compressjax.core import transform as transform_lib
 from compressjax.core.errors import CompressionError
 from compressjax.core import rules as rules_lib
 from compressjax.core.format import Format
-from compressjax.core.rules import option, resolve
-from compressjax.core.tree import leaves_with_paths, map_with_paths
+from compressjax.core.rules import option
 from compressjax.quantization.rtn import (check_quant_config, quantize_array,
                                       resolve_format)
-from compressjax.quantization.scaling import (ScaleGroup, apply_scales,
-                                          check_stats, consumer_weight,
-                                          gram_of_scaled, plan_groups,
+from compressjax.quantization.scaling import (ScaleGroup, consumer_weight,
+                                          gram_of_scaled, scale_transform,
                                           with_weight)
 
 _HI = jax.lax.Precision.HIGHEST
@@ -309,49 +307,18 @@ def awq(stats: Mapping[str, Any], *,
   kernels share an input and where its scale folds; by default every selected
   kernel is its own group with an explicit input scale. Rules override any of
   the options per param (n_grid must agree within a group)."""
-  base = options
 
-  def init(params):
-    plan = resolve(params, base, rules, default, transform="awq")
-    gs = plan_groups(params, groups, plan.configs, transform="awq")
-    leaves = dict(leaves_with_paths(params))
-    for g in gs:
-      for c in g.consumers:
-        if c in plan:
-          _check_cfg(c, leaves[c].shape, plan.configs[c])
-          check_stats(c, stats, leaves[c].shape[0])
-    return transform_lib.LeafState(plan, dict(groups=gs))
+  def group_scale(g, sel, leaves, configs, st, n_grid):
+    qs = [_qcfg(**{k: configs[c][k] for k in _QKEYS}) for c in sel]
+    return _search([leaves[c] for c in sel], qs, st.gram, st.mean_abs,
+                   st.count, n_grid).scale
 
-  def update(params, state):
-    plan = state.plan
-    gs = plan_groups(params, state.extra["groups"], plan.configs,
-                     transform="awq")
-    leaves = dict(leaves_with_paths(params))
-    scales = []
-    for g in gs:
-      sel = [c for c in g.consumers if c in plan]
-      n = {plan.configs[c]["n_grid"] for c in sel}
-      if len(n) > 1:
-        raise CompressionError(f"awq: consumers of one scale group need the "
-                               f"same n_grid, got {sorted(n)}", sel[0])
-      st = check_stats(sel[0], stats, leaves[sel[0]].shape[0])
-      qs = [_qcfg(**{k: plan.configs[c][k] for k in _QKEYS}) for c in sel]
-      res = _search([leaves[c] for c in sel], qs, st.gram, st.mean_abs,
-                    st.count, n.pop())
-      scales.append(res.scale)
-    out = apply_scales(params, gs, scales)
-    new = dict(leaves_with_paths(out))
-    for g, s in zip(gs, scales):
-      for c in g.consumers:
-        if c not in plan:
-          continue
-        cfg = plan.configs[c]
-        st = check_stats(c, stats, leaves[c].shape[0])
-        w = consumer_weight(new[c])
-        qa = awq_quantize(w, st.gram, s, path=c, **{
-            k: cfg[k] for k in _QKEYS + ("max_shrink", "n_clip")})
-        qa.validate()
-        new[c] = with_weight(new[c], qa)
-    return map_with_paths(lambda p, x: new.get(p, x), out), state
+  def finish(path, leaf, cfg, st, s):
+    qa = awq_quantize(consumer_weight(leaf), st.gram, s, path=path, **{
+        k: cfg[k] for k in _QKEYS + ("max_shrink", "n_clip")})
+    return with_weight(leaf, qa)
 
-  return transform_lib.Transform(init, update)
+  return scale_transform("awq", stats, groups, options=options, rules=rules,
+                         default=default, agree="n_grid",
+                         check_cfg=_check_cfg, group_scale=group_scale,
+                         finish=finish)

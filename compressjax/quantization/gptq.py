@@ -10,9 +10,9 @@ transposed) and H = (2/N) X^T X from calibration:
   for each block of B columns, for each column j of it:
       q_j = quant(w_j); e = (w_j - q_j) / U_jj; W[:, j:block end] -= e U[j, j:]
   then one lazy update of the later columns: W[:, later] -= E U[block, later].
-Inside a block the rank-1 updates run on slabs of 16 columns, with one matmul
-per slab for the rest of the block (the same arithmetic, regrouped), and U
-comes from one Cholesky plus a triangular inverse (`core/linalg.py`).
+The sweep itself (dead columns, damping, U, the lazy block updates) is the
+OBS column sweep SparseGPT shares (`core.linalg.obs_sweep`); GPTQ supplies the
+column rounding (`GroupRounding`, also SparseGPT's joint quantization).
 Group scales are computed when a group starts, from the updated weights of
 that group (or up front from the original weights with `static_groups`, which
 act-order with groups implies, so groups stay contiguous in the stored QArray).
@@ -38,7 +38,7 @@ from compressjax.core.errors import CompressionError
 from compressjax.core.format import Format
 from compressjax.core.input_transform import InputTransform
 from compressjax.core.contraction import MatrixLayout
-from compressjax.core.linalg import hinv_upper
+from compressjax.core.linalg import ObsRule, obs_prepare, obs_sweep
 from compressjax.core.qarray import QArray, pack_codes
 from compressjax.core.rules import option
 from compressjax.formats.scaled import store_scale
@@ -61,6 +61,83 @@ def _scale_zero(cols, fmt, scale_dtype="float32"):
 _SLAB = 16  # columns per rank-1 slab: the per-column update stays in cache
 
 
+def slab_size(block: int, unit: int = 1, span: int | None = None) -> int:
+  """Largest slab <= _SLAB (a multiple of `unit`, e.g. N:M's M) dividing the
+  block and a quantization group's `span` (so groups start on slabs)."""
+  best = unit
+  for d in range(unit, max(_SLAB, unit) + 1, unit):
+    if block % d == 0 and (span is None or span % d == 0):
+      best = d
+  return best
+
+
+class GroupRounding:
+  """GPTQ's column rounding with per-group scales (Alg. 1's quant(w_j)), for
+  the OBS sweep: `span` inputs per group; static scales (given up front) or
+  computed when a group starts from its updated weights (`scale_input` maps
+  the group's rows and diag(U) there to the weights the scales must fit,
+  e.g. SparseGPT's predicted kept values). Also SparseGPT's joint mode.
+
+  State: (scales, zeros), each (groups, N)."""
+
+  def __init__(self, fmt, span: int, groups: int, n: int, *,
+               static=None, group_of=None, scale_input=None,
+               scale_dtype: str = "float32"):
+    self.fmt, self.span, self.groups, self.n = fmt, span, groups, n
+    self.scale_dtype = scale_dtype
+    self.static = static
+    self.group_of = group_of or (lambda c: c // span)
+    self.scale_input = scale_input or (lambda rows, d: rows)
+
+  @staticmethod
+  def fit(rows, fmt, scale_dtype: str = "float32"):
+    """Scales (and zeros) fitting each row of `rows` (R, g): (R,) each,
+    rounded to what `scale_dtype` stores."""
+    return _scale_zero(rows, fmt, scale_dtype)
+
+  def init(self):
+    if self.static is not None:
+      return self.static
+    return jnp.ones((self.groups, self.n)), jnp.zeros((self.groups, self.n))
+
+  def slab(self, state, w1, d1, s0, i1):
+    if self.static is not None:
+      return state
+    s_all, z_all = state
+    span = min(self.span, w1.shape[0])
+    rows = jax.lax.dynamic_slice_in_dim(w1, s0, span, 0)
+    dg = jax.lax.dynamic_slice_in_dim(d1, s0, span)
+    s_new, z_new = self.fit(self.scale_input(rows, dg).T, self.fmt,
+                            self.scale_dtype)
+    g = (i1 + s0) // self.span
+    start = (i1 + s0) % self.span == 0  # a group starts at this slab
+    return (jnp.where(start, s_all.at[g].set(s_new), s_all),
+            jnp.where(start, z_all.at[g].set(z_new), z_all))
+
+  def round(self, state, wj, c):
+    """(code, dequantized value) of column c."""
+    s_all, z_all = state
+    g = self.group_of(c)
+    sc, zc = s_all[g], z_all[g]
+    code = self.fmt.round(wj / sc + zc)
+    return code, (code - zc) * sc
+
+
+class _Gptq(ObsRule):
+  def __init__(self, rounding: GroupRounding):
+    self.q = rounding
+
+  def init(self, w, u):
+    return self.q.init()
+
+  def slab(self, state, w1, d1, s0, i1):
+    return self.q.slab(state, w1, d1, s0, i1)
+
+  def column(self, state, wj, j, c):
+    code, q = self.q.round(state, wj, c)
+    return state, q, code
+
+
 @functools.partial(jax.jit, static_argnames=(
     "fmt", "group_size", "block_size", "act_order", "static_groups",
     "scale_dtype"))
@@ -71,74 +148,23 @@ def _gptq(w, h, *, fmt, group_size: int, block_size: int,
   (contiguous). Returns (q (K, N) code values, scales (G, N), zeros (G, N))."""
   k, n = w.shape
   dead = jnp.diag(h) == 0
-  h = h + jnp.diag(dead.astype(h.dtype))
-  w = jnp.where(dead[:, None], 0.0, w)
-  perm = jnp.argsort(-jnp.diag(h), stable=True) if act_order else jnp.arange(k)
-  w_orig = w
-  w, h = w[perm], h[perm][:, perm]
-  h = h + damp * jnp.mean(jnp.diag(h)) * jnp.eye(k)
-  u = hinv_upper(h)
-  ut = u.T  # lazy updates read contiguous rows
+  perm = jnp.argsort(-(jnp.diag(h) + dead), stable=True) if act_order else None
+  w_orig = jnp.where(dead[:, None], 0.0, w)
+  w, u = obs_prepare(w, h, damp, perm)
   g = k // group_size
+  static = None
   if static_groups:
-    s_all, z_all = jax.vmap(lambda c: _scale_zero(c.T, fmt, scale_dtype))(
+    static = jax.vmap(lambda c: _scale_zero(c.T, fmt, scale_dtype))(
         w_orig.reshape(g, group_size, n))
-  else:
-    s_all = jnp.ones((g, n)); z_all = jnp.zeros((g, n))
-  qs = []
-  for i1 in range(0, k, block_size):
-    i2 = min(i1 + block_size, k)
-    nb = i2 - i1
-    u1 = u[i1:i2, i1:i2]
-    d1 = jnp.diag(u1)
-    sb = next(d for d in range(min(_SLAB, nb), 0, -1)
-              if nb % d == 0 and group_size % d == 0)
-    rows = jnp.arange(sb)
-
-    def slab_step(t, carry, i1=i1, nb=nb, sb=sb, u1=u1, d1=d1, rows=rows):
-      w1, q1, s_all, z_all = carry
-      s0 = t * sb
-      if not static_groups:  # a group starts here: scales from updated W
-        grp = (i1 + s0) // group_size
-        cols = jax.lax.dynamic_slice_in_dim(w1, s0, min(group_size, nb), 0)
-        s_new, z_new = _scale_zero(cols.T, fmt, scale_dtype)
-        start = (i1 + s0) % group_size == 0
-        s_all = jnp.where(start, s_all.at[grp].set(s_new), s_all)
-        z_all = jnp.where(start, z_all.at[grp].set(z_new), z_all)
-      us = jax.lax.dynamic_slice(u1, (s0, s0), (sb, sb))
-      ds = jax.lax.dynamic_slice_in_dim(d1, s0, sb)
-
-      def column(j, c):
-        slab, q, e = c
-        gi = perm[i1 + s0 + j] // group_size
-        sc, zc = s_all[gi], z_all[gi]
-        wj = slab[j]
-        code = fmt.round(wj / sc + zc)
-        err = (wj - (code - zc) * sc) / ds[j]
-        slab = slab - (us[j] * (rows > j))[:, None] * err[None, :]
-        return slab, q.at[j].set(code), e.at[j].set(err)
-
-      init = (jax.lax.dynamic_slice_in_dim(w1, s0, sb, 0),
-              jnp.zeros((sb, n)), jnp.zeros((sb, n)))
-      _, q, e = jax.lax.fori_loop(0, sb, column, init)
-      # the block's later columns get this slab's errors in one matmul
-      ur = jax.lax.dynamic_slice_in_dim(u1, s0, sb, 0)
-      ur = ur * (jnp.arange(nb) >= s0 + sb)[None, :]
-      w1 = w1 - jnp.matmul(ur.T, e, precision=_HI)
-      return (w1, jax.lax.dynamic_update_slice_in_dim(q1, q, s0, 0),
-              s_all, z_all), e
-
-    def body(t, carry):
-      (w1, q1, s_all, z_all), e1 = carry
-      out, e = slab_step(t, (w1, q1, s_all, z_all))
-      return out, jax.lax.dynamic_update_slice_in_dim(e1, e, t * sb, 0)
-
-    init = ((w[i1:i2], jnp.zeros((nb, n)), s_all, z_all), jnp.zeros((nb, n)))
-    (_, q1, s_all, z_all), e1 = jax.lax.fori_loop(0, nb // sb, body, init)
-    if i2 < k:  # lazy update of all later columns by this block's errors
-      w = w.at[i2:].add(-jnp.matmul(ut[i2:, i1:i2], e1, precision=_HI))
-    qs.append(q1)
-  q = jnp.concatenate(qs, 0)[jnp.argsort(perm)]
+  group_of = ((lambda c: perm[jnp.minimum(c, k - 1)] // group_size)
+              if act_order else None)
+  rule = _Gptq(GroupRounding(fmt, group_size, g, n, static=static,
+                             group_of=group_of, scale_dtype=scale_dtype))
+  (s_all, z_all), q = obs_sweep(
+      w, u, rule, block=block_size,
+      slab=slab_size(block_size, 1, None if static_groups else group_size))
+  if act_order:
+    q = q[jnp.argsort(perm)]
   return q, s_all, z_all
 
 
@@ -147,10 +173,13 @@ def gptq_quantize(w, hessian, *, bits: int | None = None, format=None,
                   symmetric: bool = True, block_size: int = 128,
                   damp: float = 0.01, act_order: bool = False,
                   static_groups: bool = False, scale_dtype: Any = jnp.float32,
+                  contract: tuple[int, ...] = (0,),
                   path: str = "<array>") -> QArray:
   """GPTQ of a Flax kernel w (K_in, ...) given H (K_in x K_in): axis 0 is
   contracted (calibration captures that Hessian), every other axis is an
-  output feature (e.g. an Einsum in-projection (d, heads, head_dim)). Scales
+  output feature (e.g. an Einsum in-projection (d, heads, head_dim)); or
+  the `contract`ed axes (those of the statistics: an out-projection's
+  (0, 1), a conv's spatial and input axes), K their product. Scales
   are stored in `scale_dtype` (float16: exactly what a GPTQ checkpoint
   holds, see `models.gptq_export`)."""
   w = jnp.asarray(w)
@@ -161,7 +190,7 @@ def gptq_quantize(w, hessian, *, bits: int | None = None, format=None,
   if w.ndim < 2:
     raise CompressionError("GPTQ needs a kernel (in, out...) of rank >= 2",
                            path)
-  lay = MatrixLayout(tuple(w.shape), (0,))
+  lay = MatrixLayout(tuple(w.shape), tuple(contract))
   k, n = lay.k, lay.n
   if hessian.shape != (k, k):
     raise CompressionError(f"Hessian {hessian.shape} does not match "
@@ -233,13 +262,17 @@ def gptq(stats, *, options, rules, default) -> transform_lib.Transform:
                                "float; it is already compressed", path)
       return dataclasses.replace(w, weight=gptq_quantize(
           w.weight, stats[path].hessian, path=path, **cfg))
-    return gptq_quantize(w, stats[path].hessian, path=path, **cfg)
+    # the contraction the statistics were captured over (any axes)
+    return gptq_quantize(w, stats[path].hessian, path=path,
+                         contract=tuple(stats[path].contract), **cfg)
 
   def check(path, w, cfg):
-    if cfg.get("group_size") and w.shape[0] % cfg["group_size"]:
+    k = (stats[path].view(w.shape).k if path in stats and not isinstance(
+        w, InputTransform) else w.shape[0])
+    if cfg.get("group_size") and k % cfg["group_size"]:
       raise CompressionError(
-          f"group_size {cfg['group_size']} does not divide in_features "
-          f"{w.shape[0]}", path)
+          f"group_size {cfg['group_size']} does not divide the {k} "
+          f"contracted inputs", path)
 
   return transform_lib.leaf_transform("gptq", options, leaf, check, rules,
                                       default)

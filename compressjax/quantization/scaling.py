@@ -20,12 +20,14 @@ With no producer (e.g. fc2 after gelu) the division stays explicit: the
 consumer becomes `InputTransform(weight=diag(s) W, scale=1/s)`.
 
 `apply_scales` does this on a float tree; it is exact up to float rounding.
+`scale_transform` is the skeleton of both algorithms (plan, per-group scale,
+fold, quantize the consumers); each supplies its scale and its quantizer.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Collection, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -247,3 +249,64 @@ def check_stats(path: str, stats: Any, k: int):
         f"statistics have {np.shape(st.abs_sum)} input features but the "
         f"kernel has {k}; calibrate this param's own matmul", path)
   return st
+
+
+def scale_transform(name: str, stats: Any, groups: Sequence[ScaleGroup] | None,
+                    *, options: Any, rules: Any, default: Any, agree: str,
+                    check_cfg: Callable[[str, tuple, Mapping], None],
+                    group_scale: Callable[..., Any],
+                    finish: Callable[..., Any]):
+  """The transform AWQ and SmoothQuant both are: for each scale group one
+  per-input-channel scale s (Lin et al. 2023, eq. 4-5; Xiao et al. 2022,
+  eq. 4), folded into the group's producer or explicit (`apply_scales`),
+  then each selected consumer's scaled kernel quantized.
+
+    group_scale(group, selected, leaves, configs, stats, agreed) -> s (K,)
+        `selected`: the group's consumers the rules select; `agreed`: the
+        option `agree` names (e.g. n_grid, alpha), which they must share
+    finish(path, leaf, cfg, stats, s) -> the consumer's new leaf, from its
+        leaf after `apply_scales` (a kernel, or an InputTransform)
+
+  `check_cfg(path, shape, cfg)` checks each selected consumer's options
+  when the transform is initialized (with its statistics).
+  """
+  from compressjax.core import transform as transform_lib  # no import cycle
+  from compressjax.core.rules import resolve
+
+  def init(params):
+    plan = resolve(params, options, rules, default, transform=name)
+    gs = plan_groups(params, groups, plan.configs, transform=name)
+    leaves = dict(leaves_with_paths(params))
+    for g in gs:
+      for c in g.consumers:
+        if c in plan:
+          check_cfg(c, leaves[c].shape, plan.configs[c])
+          check_stats(c, stats, leaves[c].shape[0])
+    return transform_lib.LeafState(plan, dict(groups=gs))
+
+  def update(params, state):
+    plan = state.plan
+    gs = plan_groups(params, state.extra["groups"], plan.configs,
+                     transform=name)
+    leaves = dict(leaves_with_paths(params))
+    scales = []
+    for g in gs:
+      sel = [c for c in g.consumers if c in plan]
+      vals = {plan.configs[c][agree] for c in sel}
+      if len(vals) > 1:
+        raise CompressionError(f"{name}: consumers of one scale group need "
+                               f"the same {agree}, got {sorted(vals)}", sel[0])
+      st = check_stats(sel[0], stats, leaves[sel[0]].shape[0])
+      scales.append(group_scale(g, sel, leaves, plan.configs, st,
+                                vals.pop()))
+    out = apply_scales(params, gs, scales)
+    new = dict(leaves_with_paths(out))
+    for g, s in zip(gs, scales):
+      for c in g.consumers:
+        if c in plan:
+          st = check_stats(c, stats, leaves[c].shape[0])
+          new[c] = finish(c, new[c], plan.configs[c], st, s)
+          new[c].validate()
+    return map_with_paths(lambda p, x: new.get(p, x), out), state
+
+  return transform_lib.Transform(init, update)

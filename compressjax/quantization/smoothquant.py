@@ -41,13 +41,11 @@ from compressjax.core import transform as transform_lib
 from compressjax.core.errors import CompressionError
 from compressjax.core.input_transform import ACT_FORMATS
 from compressjax.core import rules as rules_lib
-from compressjax.core.rules import option, resolve
-from compressjax.core.tree import leaves_with_paths, map_with_paths
+from compressjax.core.rules import option
 from compressjax.formats.integer import IntFormat
 from compressjax.quantization.rtn import check_quant_config, quantize_array
-from compressjax.quantization.scaling import (ScaleGroup, apply_scales,
-                                          check_stats, consumer_weight,
-                                          plan_groups, with_weight)
+from compressjax.quantization.scaling import (ScaleGroup, consumer_weight,
+                                          scale_transform, with_weight)
 
 
 def weight_max(weights) -> jax.Array:
@@ -112,46 +110,18 @@ def smoothquant(stats: Mapping[str, Any], *,
   `compressjax.calibrate.capture` stats (uses `abs_max`). `groups` as in
   `awq`; rules override alpha, act, weight_bits per param (alpha must agree
   within a group)."""
-  base = options
 
-  def init(params):
-    plan = resolve(params, base, rules, default, transform="smoothquant")
-    gs = plan_groups(params, groups, plan.configs, transform="smoothquant")
-    leaves = dict(leaves_with_paths(params))
-    for g in gs:
-      for c in g.consumers:
-        if c in plan:
-          _check_cfg(c, leaves[c].shape, plan.configs[c])
-          check_stats(c, stats, leaves[c].shape[0])
-    return transform_lib.LeafState(plan, dict(groups=gs))
+  def group_scale(g, sel, leaves, configs, st, alpha):
+    _check_alpha(sel[0], alpha)
+    # every consumer sees x / s, so all of them bound max|W_j|
+    return _group_scale(st.abs_max, tuple(leaves[c] for c in g.consumers),
+                        jnp.float32(alpha))
 
-  def update(params, state):
-    plan = state.plan
-    gs = plan_groups(params, state.extra["groups"], plan.configs,
-                     transform="smoothquant")
-    leaves = dict(leaves_with_paths(params))
-    scales = []
-    for g in gs:
-      sel = [c for c in g.consumers if c in plan]
-      alphas = {plan.configs[c]["alpha"] for c in sel}
-      if len(alphas) > 1:
-        raise CompressionError(f"smoothquant: consumers of one scale group "
-                               f"need the same alpha, got {sorted(alphas)}",
-                               sel[0])
-      a = alphas.pop()
-      _check_alpha(sel[0], a)
-      st = check_stats(sel[0], stats, leaves[sel[0]].shape[0])
-      # every consumer sees x / s, so all of them bound max|W_j|
-      scales.append(_group_scale(st.abs_max, tuple(
-          leaves[c] for c in g.consumers), jnp.float32(a)))
-    out = apply_scales(params, gs, scales)
-    new = {}
-    for path, leaf in leaves_with_paths(out):
-      if path in plan:
-        cfg = plan.configs[path]
-        qa = _quantize(consumer_weight(leaf), bits=cfg["weight_bits"])
-        new[path] = with_weight(leaf, qa, act=cfg["act"])
-        new[path].validate()
-    return map_with_paths(lambda p, x: new.get(p, x), out), state
+  def finish(path, leaf, cfg, st, s):
+    qa = _quantize(consumer_weight(leaf), bits=cfg["weight_bits"])
+    return with_weight(leaf, qa, act=cfg["act"])
 
-  return transform_lib.Transform(init, update)
+  return scale_transform("smoothquant", stats, groups, options=options,
+                         rules=rules, default=default, agree="alpha",
+                         check_cfg=_check_cfg, group_scale=group_scale,
+                         finish=finish)

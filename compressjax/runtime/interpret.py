@@ -390,6 +390,8 @@ def _lazy_eqn(eqn, invals):
           dims, lhs_leaf=lazy is lhs, dtype=lazy.dtype, **p)
   if name == "conv_general_dilated" and isinstance(invals[1], Lazy) and not \
       isinstance(invals[0], Lazy):
+    if invals[1].observer is not None:  # calibration: the conv's params
+      invals[1].observer(invals[1].path, invals[0], dict(eqn.params))
     return dispatch.conv_general_dilated(invals[0], invals[1].leaf,
                                          dtype=invals[1].dtype, **eqn.params)
   if name in _INLINE and "jaxpr" in eqn.params:
@@ -478,7 +480,8 @@ def apply(fn: Callable[..., Any], tree: Any, *args,
   Array leaves of args/kwargs are traced; other values (flags, strings) are
   passed to `fn` as they are. `observe(path, x, dimension_numbers)` is called
   (at trace time) with the input `x` of every matmul whose right operand is
-  the param at a path in `observe_paths`. Params of `tree` that `fn` never
+  the param at a path in `observe_paths` (for a convolution whose kernel it
+  is, with the dict of the convolution's params instead). Params of `tree` that `fn` never
   reads raise TreeMismatchError with `allow_unused=False`, are named in a
   warning with None, and pass silently with True.
   """

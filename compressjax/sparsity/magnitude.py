@@ -3,7 +3,8 @@ and channel patterns.
 
 Scores are |w| for elements and the L2 norm of a block (or channel) for
 structured patterns; the lowest-scoring `round(sparsity * count)` units are
-removed (ties broken by position, so results are deterministic). This is the
+removed (ties broken by position, so results are deterministic) by the shared
+selector (`sparsity.select`, as Wanda, SparseGPT and sparse training). This is the
 magnitude baseline of SparseGPT (Frantar & Alistarh 2023, Sec. 5) and Wanda
 (Sun et al. 2023, Sec. 4); N:M keeps the N largest of every M consecutive
 weights along the input axis (Mishra et al. 2021, NVIDIA 2:4).
@@ -11,9 +12,11 @@ weights along the input axis (Mishra et al. 2021, NVIDIA 2:4).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, ClassVar, Literal, Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -27,6 +30,7 @@ from compressjax.core.sparse import (NMSparseArray, SparseArray,
                                      dense_to_blocks, index_bits)
 from compressjax.core.tree import leaves_with_paths
 from compressjax.core import transform as transform_lib
+from compressjax.sparsity.select import keep_top_n_of_m, prune_lowest
 
 PATTERNS = ("unstructured", "nm", "block", "channel")
 
@@ -40,19 +44,6 @@ def block_shape(shape, pattern: str, block=None, channel_axis=None):
   # channel: remove whole slices of `channel_axis` (default: input features)
   ax = INPUT_AXIS if channel_axis is None else channel_axis % nd
   return tuple(1 if d == ax else s for d, s in enumerate(shape))
-
-
-def keep_mask_from_scores(scores, n_prune: int, axis: int | None = None):
-  """Boolean keep mask removing the n_prune lowest scores (stable ties):
-  over the whole array, or in every slice along `axis` (e.g. per output)."""
-  if axis is not None:
-    order = jnp.argsort(scores, axis=axis, stable=True)
-    rank = jnp.argsort(order, axis=axis)  # position of each score in order
-    return rank >= n_prune
-  flat = scores.reshape(-1)
-  order = jnp.argsort(flat, stable=True)
-  keep = jnp.ones(flat.shape, bool).at[order[:n_prune]].set(False)
-  return keep.reshape(scores.shape)
 
 
 def block_scores(w, block):
@@ -78,29 +69,40 @@ def sparse_from_mask(w, keep_blocks, block, pattern: str,
                      block=tuple(block), pattern=pattern)
 
 
+@functools.partial(jax.jit, static_argnames=("n", "m", "axis"))
+def nm_from_keep(w, keep, n: int, m: int, axis: int) -> NMSparseArray:
+  """NMSparseArray of w keeping the positions in `keep` (a mask with exactly
+  n of every m along `axis`): kept values and their in-run positions, in
+  order."""
+  x = jnp.moveaxis(jnp.asarray(w), axis, -1)
+  kp = jnp.moveaxis(keep, axis, -1)
+  runs = x.reshape(x.shape[:-1] + (x.shape[-1] // m, m))
+  kr = kp.reshape(runs.shape)
+  if n * m <= 64:  # one-hot on the rank of each kept weight: no sort
+    rank = jnp.cumsum(kr, axis=-1) - 1
+    hit = kr[..., None, :] & (rank[..., None, :] == jnp.arange(n)[:, None])
+    pos = jnp.sum(jnp.where(hit, jnp.arange(m), 0), -1)
+  else:  # kept positions first, in order
+    pos = jnp.argsort(~kr, axis=-1, stable=True)[..., :n]
+  vals = jnp.take_along_axis(runs, pos, axis=-1)
+  flat = lambda a: jnp.moveaxis(a.reshape(x.shape[:-1] + (-1,)), -1, axis)
+  return NMSparseArray(
+      values=flat(vals),
+      indices=layout.pack(flat(pos.astype(jnp.uint8)), index_bits(m), axis),
+      shape=tuple(w.shape), dtype=jnp.dtype(w.dtype).name, n=n, m=m,
+      axis=axis)
+
+
 def nm_sparsify(w, n: int, m: int, axis: int | None = None,
                 scores=None) -> NMSparseArray:
   """Keeps the n largest-|w| of every m consecutive elements along `axis`
-  (or the n largest `scores`, an array shaped like w: Wanda, a given mask)."""
+  (or the n largest `scores`, an array shaped like w: Wanda, a given mask;
+  ties: the earlier position), selected by `select.keep_top_n_of_m`."""
   w = jnp.asarray(w)
   axis = INPUT_AXIS if axis is None else axis % w.ndim
-  x = jnp.moveaxis(w, axis, -1)
-  runs = x.reshape(x.shape[:-1] + (x.shape[-1] // m, m))
-  if scores is None:
-    score_runs = jnp.abs(runs.astype(jnp.float32))
-  else:
-    sc = jnp.moveaxis(jnp.asarray(scores, jnp.float32), axis, -1)
-    score_runs = sc.reshape(runs.shape)
-  order = jnp.argsort(-score_runs, axis=-1, stable=True)
-  pos = jnp.sort(order[..., :n], axis=-1)  # keep in-run order
-  vals = jnp.take_along_axis(runs, pos, axis=-1)
-  vals = jnp.moveaxis(vals.reshape(x.shape[:-1] + (-1,)), -1, axis)
-  pos = jnp.moveaxis(pos.reshape(x.shape[:-1] + (-1,)).astype(jnp.uint8), -1,
-                     axis)
-  return NMSparseArray(values=vals, indices=layout.pack(pos, index_bits(m),
-                                                         axis),
-                       shape=tuple(w.shape), dtype=jnp.dtype(w.dtype).name,
-                       n=n, m=m, axis=axis)
+  sc = jnp.abs(w.astype(jnp.float32)) if scores is None else jnp.asarray(
+      scores, jnp.float32)
+  return nm_from_keep(w, keep_top_n_of_m(sc, n, m, axis), n, m, axis)
 
 
 def _check_axis(path: str, name: str, axis, nd: int) -> None:
@@ -171,7 +173,7 @@ def _sparsify_dense(leaf, cfg, state):
     # Ties at the threshold are pruned too, so slightly more may go.
     keep = scores > state.extra["threshold"]
   else:
-    keep = keep_mask_from_scores(scores, round(cfg["sparsity"] * scores.size))
+    keep = prune_lowest(scores, round(cfg["sparsity"] * scores.size))
   return sparse_from_mask(leaf, keep, block, pattern)
 
 

@@ -45,76 +45,68 @@ from compressjax.core import transform as transform_lib
 from compressjax.core.base import CompressedLeaf
 from compressjax.core.format import Format
 from compressjax.core.errors import CompressionError
-from compressjax.core.linalg import hinv_upper as _hinv_upper
+from compressjax.core.linalg import ObsRule, obs_prepare, obs_sweep
 from compressjax.core.qarray import QArray, pack_codes
 from compressjax.core.rules import option
-from compressjax.core.sparse import NMSparseArray, index_bits
-from compressjax.quantization.gptq import _scale_zero
+from compressjax.core.sparse import NMSparseArray
+from compressjax.quantization.gptq import GroupRounding, slab_size
 from compressjax.quantization.rtn import resolve_format
-from compressjax.sparsity.magnitude import (check_sparse_config, nm_sparsify,
+from compressjax.sparsity.magnitude import (check_sparse_config, nm_from_keep,
                                             sparse_from_mask)
+from compressjax.sparsity.select import keep_top_n_of_m, prune_lowest
 from pallas_kernels import layout
-
-_HI = jax.lax.Precision.HIGHEST
-_SLAB = 16  # columns per rank-1 slab: keeps the per-column update in cache
-
-
-def _block_keep(scores, n_prune):
-  """Keep mask pruning the n_prune (traced) lowest scores, ties by position.
-
-  Scores are >= 0, so their int32 bit patterns sort like the floats: 31 steps
-  of bisection find the n_prune-th smallest exactly (much cheaper than a sort).
-  """
-  bits = jax.lax.bitcast_convert_type(scores, jnp.int32)
-
-  def step(_, lohi):
-    lo, hi = lohi
-    mid = lo + (hi - lo) // 2
-    # per-column float counts (exact, <= B) vectorize far better than one sum
-    ok = jnp.sum(jnp.sum((bits <= mid).astype(jnp.float32), axis=0).astype(
-        jnp.int32)) >= n_prune
-    return jnp.where(ok, lo, mid), jnp.where(ok, mid, hi)
-
-  _, t = jax.lax.fori_loop(0, 31, step, (jnp.int32(-1), jnp.int32(0x7F800000)))
-  below, tie = bits < t, bits == t
-  need = n_prune - jnp.sum(below)
-  # Usually every tie goes; only a real tie needs the (slow) flat cumsum.
-  first = jax.lax.cond(
-      jnp.sum(tie) <= need, lambda: tie,
-      lambda: tie & (jnp.cumsum(tie.reshape(-1)).reshape(tie.shape) <= need))
-  return ~(below | first)
-
-
-def _nm_keep(scores, n: int):
-  """(M, cols) scores -> keep the n largest per column (ties: earlier)."""
-  m = scores.shape[0]
-  if m <= 16:  # pairwise ranks: no sort in the inner loop
-    a, b = scores[:, None, :], scores[None, :, :]
-    pos = jnp.arange(m)
-    ahead = (b > a) | ((b == a) & (pos[None, :, None] < pos[:, None, None]))
-    return ahead.sum(1) < n
-  order = jnp.argsort(-scores, axis=0, stable=True)
-  return jnp.argsort(order, axis=0) < n
-
 
 def _predicted_kept(x, d, n: int, m: int):
   """x (rows, cols) with only the weights that the N:M selection would keep
   right now (the rest zeroed): group scales then fit the kept values."""
-  r, cols = x.shape
-  sc = (x * x / (d * d)[:, None]).reshape(r // m, m, cols)
-  sc = sc.transpose(1, 0, 2).reshape(m, -1)
-  keep = _nm_keep(sc, n).reshape(m, r // m, cols).transpose(1, 0, 2)
-  return jnp.where(keep.reshape(r, cols), x, 0.0)
+  keep = keep_top_n_of_m(x * x / (d * d)[:, None], n, m, 0)
+  return jnp.where(keep, x, 0.0)
 
 
-def _slab_size(count: int, unit: int, span: int | None) -> int:
-  """Largest slab <= _SLAB dividing the block, a multiple of the N:M run and
-  dividing a quantization group's span (so groups start on slab starts)."""
-  best = unit
-  for d in range(unit, max(_SLAB, unit) + 1, unit):
-    if count % d == 0 and (span is None or span % d == 0):
-      best = d
-  return best
+class _SparseGpt(ObsRule):
+  """SparseGPT's column rule for the OBS sweep (`core.linalg.obs_sweep`):
+  the block's mask (unstructured: adaptive, from w^2 / U_jj^2 when the block
+  starts; N:M: every M columns from the updated weights), then q_j = M_j w_j,
+  or M_j quant(w_j) in joint mode (GPTQ's `GroupRounding`).
+  State: (keep mask of the block (B, N), scales, zeros)."""
+
+  def __init__(self, k, n_prune, *, nm, n, m, block, rounding):
+    self.k, self.n_prune, self.nm, self.n, self.m = k, n_prune, nm, n, m
+    self.block, self.q = block, rounding
+    self.run = m if nm else 1
+
+  def init(self, w, u):
+    q = self.q.init() if self.q is not None else ()
+    return jnp.zeros((self.block, w.shape[1]), bool), q
+
+  def block_start(self, state, w1, d1, i1):
+    if self.nm:
+      return state
+    sc = w1 * w1 / (d1 * d1)[:, None]
+    real = (i1 + jnp.arange(self.block)) < self.k  # padded rows stay
+    sc = jnp.where(real[:, None], sc, jnp.inf)
+    keep = prune_lowest(sc, self.n_prune[i1 // self.block])
+    return keep, state[1]
+
+  def slab(self, state, w1, d1, s0, i1):
+    if self.q is None:
+      return state
+    return state[0], self.q.slab(state[1], w1, d1, s0, i1)
+
+  def run_start(self, state, ws, ds, r0, s0, i1):
+    wr = jax.lax.dynamic_slice_in_dim(ws, r0, self.m, 0)
+    dr = jax.lax.dynamic_slice_in_dim(ds, r0, self.m)
+    keep = keep_top_n_of_m(wr * wr / (dr * dr)[:, None], self.n, self.m, 0)
+    return (jax.lax.dynamic_update_slice_in_dim(state[0], keep, s0 + r0, 0),
+            state[1])
+
+  def column(self, state, wj, j, c):
+    kj = state[0][j]
+    if self.q is None:
+      return state, jnp.where(kj, wj, 0.0), (jnp.where(kj, wj, 0.0), kj)
+    code, qv = self.q.round(state[1], wj, c)
+    qj = jnp.where(kj, qv, 0.0)
+    return state, qj, (qj, kj, code)
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -125,124 +117,26 @@ def _sparsegpt(w, h, n_prune, *, damp, nm: bool, n: int, m: int,
   so other sparsities reuse the compiled code). Returns (w_hat, keep, codes,
   scale, zero) in kernel layout, whether w_hat is finite, and the kept count."""
   k, cols = w.shape
-  dead = jnp.diag(h) == 0
-  h = h + jnp.diag(dead.astype(h.dtype))
-  w = jnp.where(dead[:, None], 0.0, w)
-  h = h + damp * jnp.mean(jnp.diag(h)) * jnp.eye(k, dtype=h.dtype)
-  u = _hinv_upper(h)
-  ut = u.T  # lazy updates read contiguous columns of U
-  quant = fmt is not None
-  if quant and span is None:  # static: per output channel (N:M) or tensor
-    s, z = _scale_zero(_predicted_kept(w, jnp.diag(u), n, m).T if nm
-                       else w.reshape(1, -1), fmt)
-    s_all, z_all = s[None, :], z[None, :]
-  elif quant:
-    s_all = jnp.ones((k // span, cols)); z_all = jnp.zeros((k // span, cols))
-  else:
-    s_all = z_all = jnp.zeros((1, 1))
-  qs, keeps, codes = [], [], []
-  for i1 in range(0, k, block_size):
-    i2 = min(i1 + block_size, k)
-    nb = i2 - i1
-    u1 = u[i1:i2, i1:i2]
-    d1 = jnp.diag(u1)
-    w1 = w[i1:i2]
-    if nm:
-      keep1 = jnp.zeros((nb, cols), bool)  # chosen every M columns
-    else:
-      keep1 = _block_keep(w1 * w1 / (d1 * d1)[:, None],
-                          n_prune[i1 // block_size])
-    sb = _slab_size(nb, m if nm else 1, span)
-    rows = jnp.arange(sb)
-
-    def slab_step(t, carry, i1=i1, nb=nb, sb=sb, rows=rows, u1=u1, d1=d1):
-      w1, keep1, q1, c1, e1, s_all, z_all = carry
-      s0 = t * sb
-      if quant and span is not None:  # a group starts: scales from updated W
-        g = (i1 + s0) // span
-        grp = jax.lax.dynamic_slice_in_dim(w1, s0, min(span, nb), 0)
-        dg = jax.lax.dynamic_slice_in_dim(d1, s0, min(span, nb))
-        s_new, z_new = _scale_zero(_predicted_kept(grp, dg, n, m).T, fmt)
-        start = (i1 + s0) % span == 0
-        s_all = jnp.where(start, s_all.at[g].set(s_new), s_all)
-        z_all = jnp.where(start, z_all.at[g].set(z_new), z_all)
-      us = jax.lax.dynamic_slice(u1, (s0, s0), (sb, sb))
-      ds = jax.lax.dynamic_slice_in_dim(d1, s0, sb)
-
-      def column(j, c):
-        slab, kp, q, cd, e = c
-        wj, kj = slab[j], kp[j]
-        if quant:
-          gi = 0 if span is None else (i1 + s0 + j) // span
-          sc, zc = s_all[gi], z_all[gi]
-          code = fmt.round(wj / sc + zc)
-          qj = jnp.where(kj, (code - zc) * sc, 0.0)
-          cd = cd.at[j].set(code)
-        else:
-          qj = jnp.where(kj, wj, 0.0)
-        err = (wj - qj) / ds[j]
-        slab = slab - (us[j] * (rows > j))[:, None] * err[None, :]
-        return slab, kp, q.at[j].set(qj), cd, e.at[j].set(err)
-
-      def run(r, c):  # N:M: choose the run's mask from the updated weights
-        slab, kp = c[0], c[1]
-        r0 = r * m
-        ws = jax.lax.dynamic_slice_in_dim(slab, r0, m, 0)
-        dr = jax.lax.dynamic_slice_in_dim(ds, r0, m)
-        kp = jax.lax.dynamic_update_slice_in_dim(
-            kp, _nm_keep(ws * ws / (dr * dr)[:, None], n), r0, 0)
-        return jax.lax.fori_loop(0, m, lambda i, c: column(r0 + i, c),
-                                 (slab, kp) + c[2:])
-
-      init = (jax.lax.dynamic_slice_in_dim(w1, s0, sb, 0),
-              jax.lax.dynamic_slice_in_dim(keep1, s0, sb, 0),
-              jnp.zeros((sb, cols)),
-              jnp.zeros((sb, cols)) if quant else None,
-              jnp.zeros((sb, cols)))
-      if nm:
-        _, kp, q, cd, e = jax.lax.fori_loop(0, sb // m, run, init)
-      else:
-        _, kp, q, cd, e = jax.lax.fori_loop(0, sb, column, init)
-      # lazy update of the block's later columns by this slab's errors
-      ur = jax.lax.dynamic_slice_in_dim(u1, s0, sb, 0)
-      ur = ur * (jnp.arange(nb) >= s0 + sb)[None, :]
-      w1 = w1 - jnp.matmul(ur.T, e, precision=_HI)
-      put = lambda a, b: jax.lax.dynamic_update_slice_in_dim(a, b, s0, 0)
-      return (w1, put(keep1, kp), put(q1, q),
-              put(c1, cd) if quant else None, put(e1, e), s_all, z_all)
-
-    init = (w1, keep1, jnp.zeros((nb, cols)),
-            jnp.zeros((nb, cols)) if quant else None, jnp.zeros((nb, cols)),
-            s_all, z_all)
-    _, keep1, q1, c1, e1, s_all, z_all = jax.lax.fori_loop(
-        0, nb // sb, slab_step, init)
-    if i2 < k:  # lazy update of all later columns by this block's errors
-      w = w.at[i2:].add(-jnp.matmul(ut[i2:, i1:i2], e1, precision=_HI))
-    qs.append(q1); keeps.append(keep1); codes.append(c1)
-  cat = lambda xs: jnp.concatenate(xs, 0)
-  q, keep = cat(qs), cat(keeps)
-  return (q, keep, cat(codes) if quant else None, s_all, z_all,
-          jnp.all(jnp.isfinite(q)), jnp.sum(keep))
-
-
-def _nm_from_keep(x, keep, n: int, m: int):
-  """NMSparseArray of x keeping the positions in `keep` (exactly n of every m
-  along axis 0): as nm_sparsify(x, n, m, 0, scores=keep), without its sort."""
-  if n * m > 64:
-    return nm_sparsify(x, n, m, 0, scores=keep)
-  k = x.shape[0]
-  xr = x.reshape(k // m, m, -1)
-  kr = keep.reshape(k // m, m, -1)
-  rank = jnp.cumsum(kr, axis=1) - 1  # index of each kept weight in its run
-  hit = kr[:, :, None] & (rank[:, :, None] == jnp.arange(n)[None, :, None])
-  pos = jnp.sum(jnp.where(hit, jnp.arange(m)[None, :, None, None], 0), 1)
-  vals = jnp.sum(jnp.where(hit, xr[:, :, None], jnp.zeros((), x.dtype)), 1)
-  kept_shape = (k // m * n,) + x.shape[1:]
-  return NMSparseArray(
-      values=vals.astype(x.dtype).reshape(kept_shape),
-      indices=layout.pack(pos.astype(jnp.uint8).reshape(kept_shape),
-                          index_bits(m), 0),
-      shape=tuple(x.shape), dtype=jnp.dtype(x.dtype).name, n=n, m=m, axis=0)
+  w, u = obs_prepare(w, h, damp)
+  rounding = None
+  if fmt is not None and span is None:  # per output channel (N:M) or tensor
+    s, z = GroupRounding.fit(_predicted_kept(w, jnp.diag(u), n, m).T if nm
+                             else w.reshape(1, -1), fmt)
+    rounding = GroupRounding(fmt, k, 1, cols, static=(s[None, :], z[None, :]),
+                             group_of=lambda c: 0)
+  elif fmt is not None:
+    rounding = GroupRounding(
+        fmt, span, k // span, cols,
+        scale_input=lambda rows, d: _predicted_kept(rows, d, n, m))
+  rule = _SparseGpt(k, n_prune, nm=nm, n=n, m=m, block=block_size,
+                    rounding=rounding)
+  (_, sz), outs = obs_sweep(w, u, rule, block=block_size,
+                            slab=slab_size(block_size, m if nm else 1, span))
+  q, keep = outs[0], outs[1]
+  codes = outs[2] if fmt is not None else None
+  s_all, z_all = sz if fmt is not None else (jnp.zeros((1, 1)),) * 2
+  return (q, keep, codes, s_all, z_all, jnp.all(jnp.isfinite(q)),
+          jnp.sum(keep))
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -251,7 +145,7 @@ def _assemble(q, keep, codes, s, z, *, shape, dtype, nm, n, m, kept, fmt):
   """Dense pass outputs -> sparse leaf (+ packed kept codes, scale, zero)."""
   w_hat = q.reshape(shape).astype(dtype)
   keep = keep.reshape(shape)
-  take = (lambda x: _nm_from_keep(x, keep, n, m)) if nm else (
+  take = (lambda x: nm_from_keep(x, keep, n, m, 0)) if nm else (
       lambda x: sparse_from_mask(x, keep, (1,) * len(shape), "unstructured",
                                  kept=kept))
   leaf = take(w_hat)
@@ -363,6 +257,21 @@ def sparsegpt_prune(w, hessian, *, sparsity: float = 0.5,
   return dataclasses.replace(leaf, values=vals)
 
 
+@functools.partial(jax.jit, static_argnames=("view", "dtype"))
+def _relayout(leaf, view, dtype):
+  """A sparse leaf of the 2-D view (K, N) as the same leaf of the kernel
+  (values in the kernel's order; N:M runs along the last contracted axis,
+  which continues the view's K axis)."""
+  keep = dataclasses.replace(leaf, values=jnp.ones_like(
+      leaf.values)).materialize() != 0
+  dense = view.from_matrix(leaf.materialize().astype(dtype))
+  keep = view.from_matrix(keep)
+  if isinstance(leaf, NMSparseArray):
+    return nm_from_keep(dense, keep, leaf.n, leaf.m, view.contract[-1])
+  return sparse_from_mask(dense, keep, (1,) * dense.ndim, "unstructured",
+                          kept=leaf.values.size)
+
+
 @rules_lib.options
 class SparseGptOptions(rules_lib.Options):
   """SparseGPT (Algorithm 1; see module doc); bits or format adds joint
@@ -402,13 +311,34 @@ def sparsegpt(stats, *, options, rules, default) -> transform_lib.Transform:
       raise CompressionError(
           f"SparseGPT needs a float kernel, not a {type(w).__name__}; apply "
           "it first (chain(sparsegpt(...), quantize(...)))", path)
-    _resolve(path, w.shape, cfg)
     if path not in stats:
       raise CompressionError("no calibration statistics for this param; "
                              "capture with the same rules", path)
+    view = stats[path].view(w.shape)
+    if view.contract == (0,):
+      _resolve(path, w.shape, cfg)
+      return
+    _resolve(path, (view.k, view.n), cfg)
+    last = view.shape[view.contract[-1]]
+    if cfg.get("pattern") == "nm" and last % cfg["m"]:
+      raise CompressionError(
+          f"N:M runs go along the last contracted axis ({view.contract[-1]}, "
+          f"size {last}), which M={cfg['m']} does not divide", path)
+    if cfg.get("bits") is not None or cfg.get("format") is not None:
+      raise CompressionError(
+          f"joint quantization of a kernel contracted over axes "
+          f"{view.contract} is not supported; prune first, then quantize "
+          "(chain(sparsegpt(...), quantize(...)))", path)
 
   def leaf(path, w, cfg, state):
-    return sparsegpt_prune(w, stats[path].hessian, path=path, **cfg)
+    st = stats[path]
+    view = st.view(w.shape)
+    if view.contract == (0,):
+      return sparsegpt_prune(w, st.hessian, path=path, **cfg)
+    # any other contraction (attention out-projections, im2col convs): the
+    # algorithm on the 2-D view (contracted axes x the rest), leaf laid back
+    out = sparsegpt_prune(view.to_matrix(w), st.hessian, path=path, **cfg)
+    return _relayout(out, view, w.dtype)
 
   return transform_lib.leaf_transform("sparsegpt", options, leaf, check,
                                       rules, default)

@@ -1,15 +1,17 @@
 """Wanda (Sun et al. 2023, "A Simple and Effective Pruning Approach for Large
 Language Models", Sec. 3).
 
-Score of weight W_ij (input i, output j of a Flax kernel) is
+Score of weight W_ij (input i, output j of the kernel's 2-D view: its
+contracted axes flattened, by the rest; a Flax Dense kernel as it is) is
   S_ij = |W_ij| * ||X_i||_2,
 with ||X_i||_2 the L2 norm of input feature i over all calibration tokens
 (`LayerStats.norm`). Weights are compared per output (Eq. 2: within each output
 neuron's incoming weights, i.e. down a kernel column) and the lowest
-round(p * K_in) of every output are removed; N:M keeps the N highest scores in
-each run of M consecutive inputs. There is no weight update, so this is
-magnitude pruning with another score: the masks go through the same
-`keep_mask_from_scores` / `nm_sparsify` / `sparse_from_mask` machinery.
+round(p * K) of every output are removed; N:M keeps the N highest scores in
+each run of M consecutive inputs (along the last contracted axis). There is
+no weight update, so this is magnitude pruning with another score: the masks
+come from the shared selector (`sparsity.select`: one radix select per
+output, no sort) and the leaves from `sparse_from_mask` / `nm_from_keep`.
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ from compressjax.core import transform as transform_lib
 from compressjax.core.base import CompressedLeaf
 from compressjax.core.rules import option
 from compressjax.core.errors import CompressionError
-from compressjax.sparsity.magnitude import (check_sparse_config,
-                                            keep_mask_from_scores, nm_sparsify,
+from compressjax.core.contraction import MatrixLayout
+from compressjax.sparsity.magnitude import (check_sparse_config, nm_from_keep,
                                             sparse_from_mask)
+from compressjax.sparsity.select import keep_top_n_of_m, prune_lowest
 
 
 def wanda_scores(w, norm):
@@ -37,7 +40,8 @@ def wanda_scores(w, norm):
   return jnp.abs(w) * norm
 
 
-def _check(path, shape, norm_shape, cfg):
+def _check(path, view, norm_shape, cfg):
+  shape = view.shape
   if len(shape) < 2:
     raise CompressionError("Wanda needs a kernel of rank >= 2 with the input "
                            "axis first", path)
@@ -46,39 +50,42 @@ def _check(path, shape, norm_shape, cfg):
     raise CompressionError(f"Wanda supports pattern 'unstructured' or 'nm', "
                            f"not {pattern!r}; use sparsify(...) for block or "
                            "channel patterns", path)
-  check_sparse_config(path, shape, dict(cfg, axis=0))
-  if norm_shape is not None and tuple(norm_shape) != (shape[0],):
+  check_sparse_config(path, shape, dict(cfg, axis=view.contract[-1]))
+  if norm_shape is not None and tuple(norm_shape) != (view.k,):
     raise CompressionError(f"input norms {tuple(norm_shape)} do not match "
-                           f"in_features {shape[0]}", path)
+                           f"the {view.k} contracted inputs of shape "
+                           f"{tuple(shape)} over axes {view.contract}", path)
 
 
 def wanda_prune(w, norm, *, sparsity: float = 0.5,
                 pattern: str = "unstructured", n: int = 2, m: int = 4,
-                path: str = "<array>"):
-  """Wanda of a Flax kernel w (K_in, ...) given per-input norms (K_in,).
+                contract: tuple[int, ...] = (0,), path: str = "<array>"):
+  """Wanda of a kernel w given per-input norms (K,) of its `contract`ed
+  axes (K their product; default: a Flax kernel (K_in, ...)).
 
-  Returns a SparseArray (unstructured: exactly round(sparsity * K_in) pruned
-  per output) or an NMSparseArray (N of every M along the input axis).
+  Returns a SparseArray (unstructured: exactly round(sparsity * K) pruned
+  per output) or an NMSparseArray (N of every M contracted inputs, along
+  the last contracted axis).
   """
   w = jnp.asarray(w)
   WandaOptions(sparsity=sparsity, pattern=pattern, n=n, m=m)
-  _check(path, w.shape, jnp.shape(norm),
+  view = MatrixLayout(tuple(w.shape), tuple(contract))
+  _check(path, view, jnp.shape(norm),
          dict(sparsity=sparsity, pattern=pattern, n=n, m=m))
-  k = w.shape[0]
-  n_prune = round(sparsity * k)
-  return _wanda(w, norm, nm=pattern == "nm", n=n, m=m, n_prune=n_prune,
-                kept=(k - n_prune) * (w.size // k))
+  n_prune = round(sparsity * view.k)
+  return _wanda(w, norm, view=view, nm=pattern == "nm", n=n, m=m,
+                n_prune=n_prune, kept=(view.k - n_prune) * view.n)
 
 
-@functools.partial(jax.jit, static_argnames=("nm", "n", "m", "n_prune",
-                                             "kept"))
-def _wanda(w, norm, *, nm, n, m, n_prune, kept):
-  scores = wanda_scores(w, norm)
+@functools.partial(jax.jit, static_argnames=("view", "nm", "n", "m",
+                                             "n_prune", "kept"))
+def _wanda(w, norm, *, view, nm, n, m, n_prune, kept):
+  scores = wanda_scores(view.to_matrix(w), norm)
   if nm:
-    return nm_sparsify(w, n, m, 0, scores=scores)
-  keep = keep_mask_from_scores(scores.reshape(w.shape[0], -1), n_prune,
-                               axis=0)  # per output: compare across inputs
-  return sparse_from_mask(w, keep.reshape(w.shape), (1,) * w.ndim,
+    keep = keep_top_n_of_m(scores, n, m, 0)
+    return nm_from_keep(w, view.from_matrix(keep), n, m, view.contract[-1])
+  keep = prune_lowest(scores, n_prune, axis=0)  # per output, across inputs
+  return sparse_from_mask(w, view.from_matrix(keep), (1,) * w.ndim,
                           "unstructured", kept=kept)
 
 
@@ -108,13 +115,14 @@ def wanda(stats, *, options, rules, default) -> transform_lib.Transform:
       raise CompressionError(
           f"Wanda needs a float kernel, not a {type(w).__name__}; apply it "
           "first (chain(wanda(...), quantize(...)))", path)
-    _check(path, w.shape, None, cfg)
     if path not in stats:
       raise CompressionError("no calibration statistics for this param; "
                              "capture with the same rules", path)
+    _check(path, stats[path].view(w.shape), None, cfg)
 
   def leaf(path, w, cfg, state):
-    return wanda_prune(w, stats[path].norm, path=path, **cfg)
+    return wanda_prune(w, stats[path].norm, contract=stats[path].contract,
+                       path=path, **cfg)
 
   return transform_lib.leaf_transform("wanda", options, leaf, check, rules,
                                       default)

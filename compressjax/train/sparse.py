@@ -13,7 +13,8 @@ Each method wraps any inner optax optimizer, like `optax.masked`:
 
 Methods (all share `SparseUpdater`: one `scores` hook, a schedule
 `sparsity_at(step)`, top-k mask selection per layer with ties broken by
-position, lowest flat index pruned first, as in `sparsify.magnitude`):
+position, lowest flat index pruned first: the selector one-shot pruning uses,
+`sparsity.select`):
 
 * `gmp`: gradual magnitude pruning (Zhu & Gupta 2017, Eq. 1):
   s_t = s_f + (s_i - s_f)(1 - (t - t0)/(n Δt))^3 at t = t0, t0 + Δt, ...,
@@ -78,8 +79,8 @@ from compressjax.core.rules import Predicate, RuleLike, default_filter, resolve
 from compressjax.core.tree import (INPUT_AXIS, is_compressed, is_float_dtype,
                                    path_str)
 from compressjax.sparsity.magnitude import (check_sparse_config,
-                                            keep_mask_from_scores,
                                             nm_sparsify, sparse_from_mask)
+from compressjax.sparsity.select import keep_top_n_of_m, prune_lowest
 
 DISTRIBUTIONS = ("uniform", "erk")
 
@@ -142,22 +143,14 @@ def _ste(w, m):
 
 def _topk_mask(scores, k):
   """Boolean mask of the k largest scores (k may be traced); ties: the lower
-  flat index is dropped first (stable, as `keep_mask_from_scores`)."""
-  flat = scores.reshape(-1)
-  order = jnp.argsort(flat, stable=True)
-  # rank of each entry by one scatter (not a second argsort): mask updates
-  # are the sparse wrappers' main cost
-  rank = jnp.zeros(flat.shape, jnp.int32).at[order].set(
-      jnp.arange(flat.size, dtype=jnp.int32))
-  return (rank >= flat.size - k).reshape(scores.shape)
+  flat index is dropped first (the shared selector, `sparsity.select`)."""
+  return prune_lowest(scores, scores.size - k)
 
 
 def nm_mask(scores, n: int, m: int, axis: int = INPUT_AXIS):
-  """Keeps the n highest scores of every m consecutive along `axis`."""
-  x = jnp.moveaxis(scores, axis, -1)
-  runs = x.reshape(x.shape[:-1] + (x.shape[-1] // m, m))
-  keep = keep_mask_from_scores(runs, m - n, axis=-1)
-  return jnp.moveaxis(keep.reshape(x.shape), -1, axis)
+  """Keeps the n highest scores of every m consecutive along `axis` (ties:
+  the earlier position stays, as `nm_sparsify`)."""
+  return keep_top_n_of_m(scores, n, m, axis)
 
 
 def find_state(opt_state: Any) -> SparseState:

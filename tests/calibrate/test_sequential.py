@@ -84,3 +84,92 @@ def test_custom_stages_and_progress():
   with pytest.raises(cj.CompressionError, match="no batches"):
     sequential(MODEL, PARAMS, [], BUILD)
   assert cj.bits_per_weight(out) < 32
+
+
+def test_cached_stage_inputs_equal_rerunning_the_model():
+  """Each stage runs only its segment on cached inputs, masks included: the
+  statistics every stage sees equal those of rerunning the whole model."""
+  from compressjax.data import text
+  from compressjax.quantization import quantize
+  cfg = transformer.TransformerConfig(vocab_size=256, d_model=32, n_layers=2,
+                                      n_heads=2, d_mlp=64, seq_len=16)
+  model = transformer.TransformerLM(cfg)
+  v = model.init(jax.random.key(0), jnp.zeros((1, 16), jnp.int32))
+  calib = text.text_batches(["x = 1", "for i in range(3):", "pass", "y"],
+                            text.ByteTokenizer(), batch_size=2,
+                            max_length=16, pad_multiple=16)
+
+  def recorder(seen):
+    def build(stats):  # record, then a cheap compression: later stages
+      seen.append(stats)  # see inputs that differ from the float model's
+      return quantize(3, group_size=16)
+    return build
+
+  fast, slow, msgs = [], [], []
+  out = sequential(model, v, calib, recorder(fast), progress=msgs.append)
+  assert "inputs of the next" in msgs[0]  # the cached path ran
+  ref = sequential(model, v, calib, recorder(slow), progress=False,
+                   cache_inputs=False)
+  assert len(fast) == len(slow) == 3
+  for a, b in zip(fast, slow):
+    assert sorted(a) == sorted(b)
+    for p in a:
+      for k in ("gram", "abs_sum", "sq_sum", "abs_max", "count"):
+        np.testing.assert_allclose(getattr(a[p], k), getattr(b[p], k),
+                                   rtol=1e-5, atol=1e-5, err_msg=p)
+    assert a.description["tokens"] == 5 + 16 + 4 + 1  # padding left out
+  np.testing.assert_array_equal(out["params"]["head"]["kernel"].codes,
+                                ref["params"]["head"]["kernel"].codes)
+
+
+def test_shared_weights_fall_back_to_rerunning():
+  class Tied(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      first = nn.Dense(32, name="layer_0")
+      x = nn.tanh(first(x))
+      x = nn.tanh(nn.Dense(32, name="layer_1")(x))
+      return first(x)  # layer_0 again, after layer_1
+
+  model = Tied()
+  v = model.init(jax.random.key(2), X)
+  msgs = []
+  out = sequential(model, v, BATCHES, BUILD, progress=msgs.append)
+  assert "rerunning the whole model" in msgs[0]
+  ref = sequential(model, v, BATCHES, BUILD, progress=False,
+                   cache_inputs=False)
+  np.testing.assert_array_equal(out["params"]["layer_0"]["kernel"].codes,
+                                ref["params"]["layer_0"]["kernel"].codes)
+
+
+def test_nnx_list_of_blocks_equals_hand_built_sequence():
+  from flax import nnx
+  from compressjax.sparsity import wanda, wanda_prune
+
+  class Block(nnx.Module):
+    def __init__(self, rngs):
+      self.fc = nnx.Linear(8, 8, rngs=rngs)
+
+    def __call__(self, x):
+      return x + jnp.tanh(self.fc(x))
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.blocks = nnx.List([Block(rngs) for _ in range(3)])
+
+    def __call__(self, x):
+      for b in self.blocks:
+        x = b(x)
+      return x
+
+  net = Net(nnx.Rngs(0))
+  state = nnx.state(net, nnx.Param)
+  xs = [jax.random.normal(jax.random.key(i), (6, 8)) for i in range(2)]
+  out = sequential(net, state, xs, lambda s: wanda(s, 0.5), progress=False)
+  h = jnp.concatenate(xs)
+  for i in range(3):  # int keys of the nnx.List: stage 'blocks/i'
+    fc = state["blocks"][i]["fc"]
+    want = wanda_prune(fc["kernel"][...], jnp.sqrt(jnp.sum(h * h, 0)))
+    got = out["blocks"][i]["fc"]["kernel"].get_value()
+    np.testing.assert_array_equal(got.materialize(), want.materialize())
+    h = h + jnp.tanh(h @ want.materialize() + fc["bias"][...])

@@ -135,3 +135,19 @@ def test_float16_scales_are_stored_and_used(symmetric):
 def test_gptq_transform_takes_scale_dtype():
   with pytest.raises(cj.CompressionError, match="scale_dtype"):
     gptq({}, 4, scale_dtype=jnp.int8)
+
+
+def test_any_contraction_is_gptq_on_the_2d_view():
+  def f(t, x):  # an attention out-projection (heads, head_dim, d)
+    return jnp.einsum("blhd,hde->ble", x, t["out"]["kernel"])
+  r = np.random.default_rng(5)
+  p = {"out": {"kernel": r.standard_normal((4, 8, 6), np.float32)}}
+  stats = capture(f, p, [r.standard_normal((2, 6, 4, 8), np.float32)])
+  q = gptq(stats, 4, group_size=16).apply(p)["out"]["kernel"]
+  st_ = stats["out/kernel"]
+  v = st_.view((4, 8, 6))
+  want = gptq_quantize(v.to_matrix(p["out"]["kernel"]), st_.hessian, bits=4,
+                       group_size=16)
+  assert q.contract == (0, 1) and q.shape == (4, 8, 6)
+  np.testing.assert_array_equal(v.to_matrix(np.asarray(q.materialize())),
+                                np.asarray(want.materialize()))

@@ -314,3 +314,33 @@ def test_transform_errors_name_the_path():
     cj.chain(cj.transforms.quantize(4), sparsegpt(stats)).apply(v)
   with pytest.raises(CompressionError, match="does not match"):
     sparsegpt_prune(jnp.ones((8, 4)), jnp.eye(6), path="k")
+
+
+def test_any_contraction_is_the_paper_on_the_2d_view():
+  def f(t, x):  # an out-projection (heads, head_dim, d), a 'SAME' 1-D conv
+    h = jnp.einsum("blhd,hde->ble", x, t["out"]["kernel"])
+    return jax.lax.conv_general_dilated(
+        h, t["conv"]["kernel"], (1,), "SAME",
+        dimension_numbers=("NWC", "WIO", "NWC"))
+  r = np.random.default_rng(4)
+  p = {"out": {"kernel": r.standard_normal((4, 3, 8), np.float32)},
+       "conv": {"kernel": r.standard_normal((3, 8, 6), np.float32)}}
+  xs = [r.standard_normal((2, 6, 4, 3), np.float32) for _ in range(2)]
+  stats = capture(f, p, xs)
+  t = sparsegpt(stats, 0.5, rules=[("conv/kernel", dict(pattern="nm"))])
+  c = t.apply(p)
+  for name, kw in (("out", {}), ("conv", dict(pattern="nm"))):
+    st_ = stats[f"{name}/kernel"]
+    v = st_.view(p[name]["kernel"].shape)
+    want = sparsegpt_prune(v.to_matrix(p[name]["kernel"]), st_.hessian, **kw)
+    np.testing.assert_array_equal(
+        v.to_matrix(np.asarray(c[name]["kernel"].materialize())),
+        np.asarray(want.materialize()))
+  assert isinstance(c["conv"]["kernel"], cj.NMSparseArray)
+  assert c["conv"]["kernel"].axis == 1
+  with pytest.raises(CompressionError, match=r"M=4 does not divide.*"
+                     r"out/kernel"):
+    sparsegpt(stats, pattern="nm").apply(p)
+  with pytest.raises(CompressionError, match=r"joint quantization.*axes "
+                     r"\(0, 1\).*(out|conv)/kernel"):
+    sparsegpt(stats, 0.5, bits=4).apply(p)

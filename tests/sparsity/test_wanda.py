@@ -170,3 +170,38 @@ def test_hand_made_stats_and_errors_name_the_path():
   with pytest.raises(CompressionError, match="block"):
     wanda({"a/kernel": st_}, pattern="block", rules=[("b/kernel", None)]
           ).init(params)
+
+
+def _outproj_conv():
+  """An attention out-projection (heads, head_dim, d) and a 'SAME' 1-D conv
+  (width, in, out): contractions (0, 1) each."""
+  def f(t, x):
+    h = jnp.einsum("blhd,hde->ble", x, t["out"]["kernel"])
+    return jax.lax.conv_general_dilated(
+        h, t["conv"]["kernel"], (1,), "SAME",
+        dimension_numbers=("NWC", "WIO", "NWC"))
+  r = np.random.default_rng(3)
+  p = {"out": {"kernel": r.standard_normal((4, 3, 8), np.float32)},
+       "conv": {"kernel": r.standard_normal((3, 8, 6), np.float32)}}
+  xs = [r.standard_normal((2, 5, 4, 3), np.float32) * np.exp(r.normal(
+      size=(4, 3))).astype(np.float32) for _ in range(2)]
+  return f, p, capture(f, p, xs)
+
+
+def test_any_contraction_is_the_paper_on_the_2d_view():
+  f, p, stats = _outproj_conv()
+  c = wanda(stats, 0.5).apply(p)
+  c24 = wanda(stats, pattern="nm", rules=[("out/kernel", None)]).apply(p)
+  for name in ("out", "conv"):
+    st_ = stats[f"{name}/kernel"]
+    v = st_.view(p[name]["kernel"].shape)
+    got = np.asarray(c[name]["kernel"].materialize())
+    np.testing.assert_array_equal(v.to_matrix(got), wanda_reference(
+        v.to_matrix(p[name]["kernel"]), st_.norm, 0.5))
+  k = c24["conv"]["kernel"]  # 2:4 along the conv's input channels
+  assert isinstance(k, cj.NMSparseArray) and k.axis == 1
+  v = stats["conv/kernel"].view((3, 8, 6))
+  np.testing.assert_array_equal(
+      v.to_matrix(np.asarray(k.materialize())),
+      nm_reference(v.to_matrix(p["conv"]["kernel"]),
+                   stats["conv/kernel"].norm, 2, 4))
