@@ -137,14 +137,16 @@ def _cache_dtype(tree: Any):
 
 
 def _programs(lm: CausalLM, batch: int, bucket: int, new: int,
-              sampling: Sampling, pad: int, dtype):
+              sampling: Sampling, pad: int, dtype, kv_store=None):
   """(prefill, decode) functions for jax.jit (static settings closed over;
   the eos ids are an argument, -1 padded, so they never recompile)."""
   module = lm.module
 
   if lm.has_cache:
     def prefill(tree, ids, mask, key):
-      cache = module.init_cache(batch, bucket + new, dtype)
+      cache = (module.init_cache(batch, bucket + new, dtype)
+               if kv_store is None else
+               module.init_cache(batch, bucket + new, dtype, store=kv_store))
       logits, cache = run(module, tree, ids, attention_mask=mask, cache=cache)
       key, sub = jax.random.split(key)
       return choose(sub, logits[:, -1], sampling), cache, key
@@ -230,8 +232,8 @@ def generate(model: Any, tree: Any, prompts: str | Sequence[Any], *,
              top_k: int | None = None, top_p: float | None = None,
              seed: int = 0, eos_ids: Sequence[int] | None = None,
              bucket: int | None = None, tokenizer: Any = None,
-             add_special_tokens: bool = True, cache_dtype: Any = None
-             ) -> GenerationResult:
+             add_special_tokens: bool = True, cache_dtype: Any = None,
+             kv_store: Any = None) -> GenerationResult:
   """Generates up to `max_new_tokens` tokens after each prompt.
 
   Args:
@@ -247,12 +249,19 @@ def generate(model: Any, tree: Any, prompts: str | Sequence[Any], *,
     bucket: prompts are padded to a multiple of this (default: the next
       power of two >= 8), so nearby prompt lengths share a compilation.
     cache_dtype: KV cache dtype (default: the params' float dtype).
+    kv_store: a `kv.KVSpec` (quantized entries, an eviction policy and
+      budget): the cache the model builds for generation (default: its
+      dense cache).
   """
   lm = causal_lm(model, tokenizer)
   if max_new_tokens < 1:
     raise CompressionError(f"max_new_tokens must be >= 1, got "
                            f"{max_new_tokens}")
   sampling = Sampling(temperature, top_k, top_p)
+  if kv_store is not None and not lm.has_cache:
+    raise CompressionError(
+        f"kv_store given, but {type(lm.module).__name__} has no KV cache "
+        "(init_cache / cache=); generate without kv_store")
   seqs = _encode(lm, prompts, add_special_tokens)
   tok = lm.tokenizer
   if eos_ids is None:
@@ -286,9 +295,10 @@ def generate(model: Any, tree: Any, prompts: str | Sequence[Any], *,
     for r, s in enumerate(seqs):  # right padding
       ids[r, :len(s)] = s
     first = (ids, lens)
-  prefill, decode = _programs(lm, b, p, max_new_tokens, sampling, pad, dtype)
+  prefill, decode = _programs(lm, b, p, max_new_tokens, sampling, pad, dtype,
+                              kv_store)
   settings = (lm.module, lm.has_cache, b, p, max_new_tokens, sampling, pad,
-              str(dtype))
+              str(dtype), kv_store)
   # eos ids: a runtime array padded with -1 to a power of two (>= 4)
   n_eos = max(4, 1 << max(len(eos) - 1, 0).bit_length())
   eos_arg = jnp.asarray(list(eos) + [-1] * (n_eos - len(eos)), jnp.int32)

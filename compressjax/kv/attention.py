@@ -39,47 +39,97 @@ def attend(q, k, v, q_positions, k_positions, *, scale: float,
   Returns:
     (out (B, T, H, D), probs (B, H_kv, G, T, S) float32).
   """
-  b, t, h, d = q.shape
-  hkv = k.shape[2]
-  if h % hkv or k.shape != v.shape or k.shape[-1] != d:
+  if k.shape != v.shape or k.ndim != 4:
     raise CompressionError(
-        f"attention: queries {tuple(q.shape)} do not fit keys "
-        f"{tuple(k.shape)} / values {tuple(v.shape)} (heads must be a "
-        "multiple of kv heads, head dims equal)")
-  g = h // hkv
-  qg = q.reshape(b, t, hkv, g, d)
-  logits = jnp.einsum("btkgd,bskd->bkgts", qg, k) * jnp.asarray(scale,
-                                                                 q.dtype)
-  logits = logits.astype(jnp.float32)
+        f"attention: keys {tuple(k.shape)} and values {tuple(v.shape)} must "
+        "be (batch, slots, kv_heads, head_dim) alike")
+  sw = lambda a: jnp.swapaxes(a, 1, 2)  # noqa: E731
+  return attend_parts(q, [(sw(k), sw(v), k_positions)], q_positions,
+                      scale=scale, window=window)
+
+
+def visible(q_positions, k_positions, *, window: int | None = None,
+            policy_window: int | None = None, sinks: int = 0):
+  """Which keys each query sees, from positions only: (B, 1|H_kv, 1, T, S)
+  bool. `policy_window` / `sinks`: an eviction policy's stream mask (a query
+  at i sees j iff i - j < policy_window or j < sinks), so a call with many
+  tokens sees what a token-by-token run would have kept."""
   kp = k_positions[:, None, None, None, :] if k_positions.ndim == 2 else \
       k_positions[:, :, None, None, :]
   qp = q_positions[:, None, None, :, None]
   allowed = (kp != NO_POSITION) & (kp <= qp)
   if window is not None:
     allowed &= qp - kp < window
-  logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
+  if policy_window is not None:
+    allowed &= (qp - kp < policy_window) | (kp < sinks)
+  return allowed
+
+
+def attend_parts(q, parts, q_positions, *, scale: float,
+                 window: int | None = None, policy_window: int | None = None,
+                 sinks: int = 0, sink_q=None):
+  """`attend` over keys given in head-major parts, one softmax over all.
+
+  Args:
+    q: (B, T, H, D); parts: sequence of (k, v, k_positions) with k, v
+      (B, H_kv, S_i, D) and k_positions (B, S_i) or (B, H_kv, S_i).
+    window, policy_window, sinks: see `visible`.
+    sink_q: (B, T, H, D) or None: the queries that score keys at positions
+      < sinks (StreamingLLM's positions within the cache, `kv.policies`).
+  Returns:
+    (out (B, T, H, D), probs (B, H_kv, G, T, sum S_i) float32).
+  """
+  b, t, h, d = q.shape
+  hkv = parts[0][0].shape[1]
+  for k, v, _ in parts:
+    if h % hkv or k.shape != v.shape or k.shape[-1] != d or \
+        k.shape[1] != hkv or k.shape[0] != b:
+      raise CompressionError(
+          f"attention: queries {tuple(q.shape)} do not fit keys "
+          f"{tuple(k.shape)} / values {tuple(v.shape)} (heads must be a "
+          "multiple of kv heads, head dims equal)")
+  g = h // hkv
+  qg = q.reshape(b, t, hkv, g, d)
+  sq = None if sink_q is None else sink_q.reshape(b, t, hkv, g, d)
+  s = jnp.asarray(scale, q.dtype)
+  logits = []
+  for k, _, kpos in parts:
+    lg = (jnp.einsum("btkgd,bksd->bkgts", qg, k) * s).astype(jnp.float32)
+    if sq is not None:
+      kp = kpos[:, None, None, None, :] if kpos.ndim == 2 else \
+          kpos[:, :, None, None, :]
+      ls = (jnp.einsum("btkgd,bksd->bkgts", sq, k) * s).astype(jnp.float32)
+      lg = jnp.where(kp < sinks, ls, lg)
+    ok = visible(q_positions, kpos, window=window,
+                 policy_window=policy_window, sinks=sinks)
+    logits.append(jnp.where(ok, lg, jnp.finfo(jnp.float32).min))
+  probs = jax.nn.softmax(jnp.concatenate(logits, axis=-1), axis=-1)
+  out, start = 0, 0
+  for k, v, _ in parts:
+    n = k.shape[2]
+    out = out + jnp.einsum("bkgts,bksd->btkgd",
+                           probs[..., start:start + n].astype(v.dtype), v)
+    start += n
   return out.reshape(b, t, h, d), probs
 
 
 def attention(q, k, v, positions, *, cache: Any = None, scale: float,
-              window: int | None = None):
+              window: int | None = None, rotary: Any = None):
   """One attention layer of a decoder: the new tokens' q, k, v (B, T, ., D)
   and their positions (B, T) (NO_POSITION on padding).
 
   Without a cache the new tokens attend to each other; with one (a store,
-  see kv.cache), they are appended first and attend to everything stored,
-  and the store observes the attention weights. Returns (out, cache).
+  see kv.cache / kv.store) the store runs the step (`store.attention`):
+  appends the tokens, attends over what it keeps, updates its policy.
+  `rotary(x, positions)`: the model's RoPE, for stores that move keys to
+  positions within the cache (StreamingLLM); None for learned positions.
+  Returns (out, cache).
   """
   if cache is None:
     out, _ = attend(q, k, v, positions, positions, scale=scale, window=window)
     return out, None
-  cache = cache.append(k, v, positions)
-  keys, values, kpos = cache.read()
-  out, probs = attend(q, keys, values, positions, kpos, scale=scale,
-                      window=window)
-  return out, cache.observe(probs, positions)
+  return cache.attention(q, k, v, positions, scale=scale, window=window,
+                         rotary=rotary)
 
 
 def token_positions(shape: tuple[int, int], positions=None,

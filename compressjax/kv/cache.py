@@ -10,7 +10,12 @@ store), in a ring, or in the slot of a token it evicted.
 The protocol a store implements (the decoders call nothing else, so new
 stores plug in without touching llama.py / gpt2.py):
 
-  empty(batch, capacity, kv_heads, head_dim, dtype) -> store   (classmethod)
+  empty(batch, capacity, kv_heads, head_dim, dtype, layer=, num_layers=)
+                                  -> store   (a classmethod, or a spec's
+                                  method: kv.store.KVSpec)
+  attention(q, k, v, positions, scale=, window=, rotary=) -> (out, store)
+                                        one layer's step (kv.attention calls
+                                        it): append, attend, observe
   append(k, v, positions) -> store      k, v (B, T, H_kv, D); positions (B, T)
   read() -> (keys, values, positions)   dense (B, S, H_kv, D) x2 and (B, S)
                                         or (B, H_kv, S) for per-head slots
@@ -19,12 +24,11 @@ stores plug in without touching llama.py / gpt2.py):
                                         with G = query heads per kv head
   next_position() -> (B,) int32         position of the next token per row
 
-Extension points (later work): a quantized store keeps QArray codes per
-token / channel (KIVI: keys per channel, values per token) in `append` and
-dequantizes in `read`; an eviction policy (H2O, TOVA, SnapKV, StreamingLLM)
-with a token budget smaller than the context accumulates scores in
-`observe` and, in `append`, writes new tokens into the slots of the tokens it
-evicts (their positions travel with them, so masking stays right).
+`kv.store.KVCache` implements it with quantized entries (KVCodes per
+token / channel, KIVI) and eviction policies (`kv.policies`: H2O, TOVA,
+SnapKV, StreamingLLM, ...) under a token budget: new tokens go into the
+slots of the tokens it evicts (their positions travel with them, so masking
+stays right).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from compressjax.core.base import is_concrete
+from compressjax.core.base import array_nbytes, is_concrete
 from compressjax.core.errors import CompressionError
 
 NO_POSITION = -1  # stored position of an empty slot or a padding token
@@ -59,10 +63,12 @@ class DenseKV:
 
   @classmethod
   def empty(cls, batch: int, capacity: int, kv_heads: int, head_dim: int,
-            dtype: Any = jnp.float32) -> "DenseKV":
+            dtype: Any = jnp.float32, layer: int = 0, num_layers: int = 1
+            ) -> "DenseKV":
+    del num_layers
     if capacity < 1:
-      raise CompressionError(f"KV cache capacity must be >= 1, got "
-                             f"{capacity}")
+      raise CompressionError(f"layer {layer}: KV cache capacity must be >= "
+                             f"1, got {capacity}")
     shape = (batch, capacity, kv_heads, head_dim)
     return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
                jnp.full((batch, capacity), NO_POSITION, jnp.int32),
@@ -95,8 +101,24 @@ class DenseKV:
                    put(self.positions, positions.astype(jnp.int32)),
                    self.length + t)
 
+  @property
+  def nbytes(self) -> int:
+    return sum(array_nbytes(x) for x in (self.keys, self.values,
+                                         self.positions, self.length))
+
   def read(self):
     return self.keys, self.values, self.positions
+
+  def attention(self, q, k, v, positions, *, scale: float,
+                window: int | None = None, rotary: Any = None):
+    """Append, attend over everything stored, observe (kv.attention)."""
+    del rotary  # keys are stored at their own positions
+    from compressjax.kv.attention import attend  # attention imports this
+    store = self.append(k, v, positions)
+    keys, values, kpos = store.read()
+    out, probs = attend(q, keys, values, positions, kpos, scale=scale,
+                        window=window)
+    return out, store.observe(probs, positions)
 
   def observe(self, probs, q_positions) -> "DenseKV":
     del probs, q_positions  # the dense store keeps every token
@@ -118,6 +140,8 @@ def init_cache(num_layers: int, batch: int, capacity: int, kv_heads: int,
                head_dim: int, dtype: Any = jnp.float32, store: Any = DenseKV
                ) -> tuple:
   """One empty store per layer (a tuple: the decoders' `cache` argument).
-  `store`: the store class (anything with the protocol's `empty`)."""
-  return tuple(store.empty(batch, capacity, kv_heads, head_dim, dtype)
-               for _ in range(num_layers))
+  `store`: the store class or spec (anything with the protocol's `empty`);
+  `capacity`: tokens of context (a spec with a budget keeps fewer)."""
+  return tuple(store.empty(batch, capacity, kv_heads, head_dim, dtype,
+                           layer=i, num_layers=num_layers)
+               for i in range(num_layers))

@@ -214,8 +214,12 @@ class LlamaAttention(nn.Module):
     k = _dense(hkv * d, c.qkv_bias, "k_proj")(x).reshape(b, t, hkv, d)
     v = _dense(hkv * d, c.qkv_bias, "v_proj")(x).reshape(b, t, hkv, d)
     q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-    y, cache = kv.attention(q, k, v, positions, cache=cache, scale=d ** -0.5,
-                            window=c.layer_window(self.layer))
+    # rotary: moves rotated vectors by more positions (StreamingLLM stores
+    # see sink keys at positions within the cache, kv.policies).
+    y, cache = kv.attention(
+        q, k, v, positions, cache=cache, scale=d ** -0.5,
+        window=c.layer_window(self.layer),
+        rotary=lambda x, idx: apply_rotary(x, *rotary(c, idx, x.dtype)))
     return _dense(c.hidden_size, c.o_bias, "o_proj")(
         y.reshape(b, t, h * d)), cache
 

@@ -22,6 +22,18 @@ only, the Pallas kernel never forms them); otherwise the sows are no-ops (see
     model = TransformerLM(TransformerConfig())
     variables = model.init(jax.random.key(0), tokens)   # tokens (B, T) int
     logits = model.apply(variables, tokens)             # (B, T, 256)
+
+KV cache (the decoders' calling convention, models.llama):
+
+    cache = model.init_cache(batch, capacity, store=spec)   # compressjax.kv
+    logits, cache = model.apply(variables, tokens, positions=pos,
+                                attention_mask=mask, cache=cache)
+
+With a cache (or positions / attention_mask) attention runs through
+`kv.attention`, masked by token positions, and the position table is indexed
+by each token's position (each row counts its real tokens from 0 by
+default); the capacity is at most `seq_len`, the size of that table. Without
+them the forward is the original one.
 """
 
 from __future__ import annotations
@@ -32,6 +44,10 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from compressjax import kv
+from compressjax.core.base import is_concrete
+from compressjax.core.errors import CompressionError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +124,9 @@ class CausalSelfAttention(nn.Module):
   config: TransformerConfig
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, positions=None, cache=None):
+    """positions (B, T) with NO_POSITION on padding, or None (causal over
+    the T tokens); cache a `kv` store or None. Returns (out, cache)."""
     c = self.config
     b, t, d = x.shape
     hd = d // c.n_heads
@@ -118,20 +136,24 @@ class CausalSelfAttention(nn.Module):
     q = split(_dense(d, "query")(x))
     k = split(_dense(d, "key")(x))
     v = split(_dense(d, "value")(x))
-    if c.attention == "pallas":
+    if positions is not None:
+      y, cache = kv.attention(q, k, v, positions, cache=cache,
+                              scale=hd ** -0.5, window=c.window)
+    elif c.attention == "pallas":
       y = _flash(q, k, v, attention_mask(c, t), c.attention_block)
-      return _dense(d, "out", 0.02 / (2 * c.n_layers) ** 0.5)(
-          y.reshape(b, t, d))
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(hd).astype(x.dtype)
-    allowed = jnp.asarray(attention_mask(c, t).to_dense())
-    logits = jnp.where(allowed, logits, jnp.finfo(logits.dtype).min)
-    attn = jax.nn.softmax(logits, axis=-1)
-    # No-op unless applied with mutable=["intermediates"] (and init denies
-    # that collection by default): distillation reads it (train.distill).
-    self.sow("intermediates", "attn", attn)
-    y = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, t, d)
+    else:
+      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(hd).astype(
+          x.dtype)
+      allowed = jnp.asarray(attention_mask(c, t).to_dense())
+      logits = jnp.where(allowed, logits, jnp.finfo(logits.dtype).min)
+      attn = jax.nn.softmax(logits, axis=-1)
+      # No-op unless applied with mutable=["intermediates"] (and init denies
+      # that collection by default): distillation reads it (train.distill).
+      self.sow("intermediates", "attn", attn)
+      y = jnp.einsum("bhqk,bkhd->bqhd", attn, v)
     # GPT-2 style: scale residual-branch outputs down with depth.
-    return _dense(d, "out", 0.02 / (2 * c.n_layers) ** 0.5)(y)
+    return _dense(d, "out", 0.02 / (2 * c.n_layers) ** 0.5)(
+        y.reshape(b, t, d)), cache
 
 
 class MLP(nn.Module):
@@ -148,12 +170,13 @@ class Block(nn.Module):
   config: TransformerConfig
 
   @nn.compact
-  def __call__(self, x):
-    x = x + CausalSelfAttention(self.config, name="attn")(
-        _norm(self.config, "ln_1")(x))
+  def __call__(self, x, positions=None, cache=None):
+    a, cache = CausalSelfAttention(self.config, name="attn")(
+        _norm(self.config, "ln_1")(x), positions, cache)
+    x = x + a
     x = x + MLP(self.config, name="mlp")(_norm(self.config, "ln_2")(x))
     self.sow("intermediates", "hidden", x)  # residual stream; see attn's sow
-    return x
+    return x, cache
 
 
 class TransformerLM(nn.Module):
@@ -161,23 +184,59 @@ class TransformerLM(nn.Module):
 
   config: TransformerConfig
 
+  def init_cache(self, batch: int, capacity: int, dtype: Any = jnp.float32,
+                 store: Any = kv.DenseKV) -> tuple:
+    """An empty KV cache: one `store` per block, `capacity` tokens each (at
+    most seq_len: positions index the learned position table)."""
+    c = self.config
+    if capacity > c.seq_len:
+      raise CompressionError(
+          f"KV cache capacity {capacity} exceeds the model's seq_len "
+          f"{c.seq_len} (its learned position table); use capacity <= "
+          f"{c.seq_len}")
+    return kv.init_cache(c.n_layers, batch, capacity, c.n_heads,
+                         c.d_model // c.n_heads, dtype, store)
+
   @nn.compact
-  def __call__(self, tokens):
+  def __call__(self, tokens, positions=None, attention_mask=None,
+               cache=None):
     c = self.config
     t = tokens.shape[-1]
-    if t > c.seq_len:
+    if cache is None and t > c.seq_len:
       raise ValueError(f"sequence length {t} exceeds the model's seq_len "
                        f"{c.seq_len}")
+    if cache is not None and (not isinstance(cache, (tuple, list))
+                              or len(cache) != c.n_layers):
+      raise CompressionError(f"cache must be a tuple of {c.n_layers} "
+                             "per-block stores (from model.init_cache)")
     init = nn.initializers.normal(stddev=0.02)
     x = nn.Embed(c.vocab_size, c.d_model, embedding_init=init,
                  name="embed")(tokens.astype(jnp.int32))
-    pos = nn.Embed(c.seq_len, c.d_model, embedding_init=init,
-                   name="pos_embed")(jnp.arange(t))
+    table = nn.Embed(c.seq_len, c.d_model, embedding_init=init,
+                     name="pos_embed")
+    keyed = cache is not None or positions is not None or \
+        attention_mask is not None
+    tok_pos = None
+    if keyed:
+      index, tok_pos = kv.token_positions(
+          tokens.shape, positions, attention_mask,
+          None if cache is None else cache[0])
+      if is_concrete(index) and int(jnp.max(index)) >= c.seq_len:
+        raise CompressionError(
+            f"position {int(jnp.max(index))} is past the model's seq_len "
+            f"{c.seq_len} (its learned position table)")
+      pos = table(index)
+    else:
+      pos = table(jnp.arange(t))
     x = (x + pos).astype(c.dtype)
+    out = []
     for i in range(c.n_layers):
-      x = Block(c, name=f"block_{i}")(x)
+      x, ci = Block(c, name=f"block_{i}")(
+          x, tok_pos, None if cache is None else cache[i])
+      out.append(ci)
     x = _norm(c, "ln_f")(x)
-    return _dense(c.vocab_size, "head")(x)
+    logits = _dense(c.vocab_size, "head")(x)
+    return logits if cache is None else (logits, tuple(out))
 
 
 def next_token_loss(logits, targets):

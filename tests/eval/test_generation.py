@@ -151,3 +151,28 @@ def test_seeded_sampling_and_errors():
   with pytest.raises(CompressionError, match="at most 256"):
     generate(fixtures.gpt2(), fixtures.gpt2().variables, [[1] * 200],
              max_new_tokens=60)
+
+
+def test_kv_store_full_budget_equals_dense_and_small_budget_differs():
+  """`kv_store`: the cache generate builds. H2O with a budget covering the
+  context keeps every token, so greedy tokens equal the dense cache's; a
+  KIVI int2 cache changes the cache (a real store was used)."""
+  from compressjax import kv
+  pre = fixtures.llama()
+  texts = ["def main(argv):", "the quick brown fox jumps"]
+  dense = generate(pre, pre.variables, texts, max_new_tokens=8, eos_ids=())
+  full = generate(pre, pre.variables, texts, max_new_tokens=8, eos_ids=(),
+                  kv_store=kv.KVSpec(policy="h2o", budget=1.0))
+  np.testing.assert_array_equal(full.tokens, dense.tokens)
+  assert full.compile_seconds > 0  # its own programs, not the dense ones
+
+
+def test_kv_store_needs_a_cache():
+  from compressjax import kv
+  from compressjax.eval.lm import CausalLM
+  pre = fixtures.llama()
+  lm = CausalLM(pre.module, pre.tokenizer, max_length=None, takes_mask=True,
+                has_cache=False)  # e.g. a decoder without init_cache
+  with pytest.raises(CompressionError, match="has no KV cache"):
+    generate(lm, pre.variables, ["import"], max_new_tokens=2,
+             kv_store=kv.KVSpec(policy="h2o", budget=1.0))
