@@ -39,7 +39,39 @@ by the experiment's `make_eval_step` / `evaluate`:
      --rigl-drop, cosine-decayed) vs S steps with that mask fixed. Goal: RigL
      closer to the dense perplexity.
 
-  python bench/training.py [--part timing|quality|all] [--repeats 20]
+Adapters and reconstruction (issue 14):
+  7. Cost (--part adapters): one training step of rank-8 LoRA adapters on an
+     int4 g128 base and on an NF4 (double-quantized) base, through
+     `compressjax.run`, adapters alone trained (adam), vs full fine-tuning of
+     the float model (same optimizer): XLA's peak memory of the compiled,
+     state-donating step (buffer assignment: arguments + outputs + temps -
+     aliases; `memory_analysis().peak_memory_in_bytes`), the bytes of the
+     trained tree (= gradient bytes), and the step time (interleaved
+     medians). Goal: adapter step on int4 peaks below full fine-tuning.
+  8. Quality (--quality-parts adapters): from the baseline, rank-8 adapters
+     (alpha 16) on every kernel, --steps of the experiment's fine-tuning
+     recipe (recipes.optimizer: adam, warmup + cosine, lr --adapter-lr;
+     --steps 0: starts only): float LoRA vs
+     QLoRA (NF4 blocks of 64, double quantization; head int8 per channel).
+     Goal: QLoRA within 2% of float LoRA. LoftQ (5 alternations) vs B = 0 on
+     int2 g64 and int3 g128 bases: perplexity before any training (goal:
+     LoftQ lower) and after --steps.
+  9. Quality (--quality-parts reconstruct): the experiment's rows
+     (`train.reconstruct` per layer from one-shot calibration, the
+     experiment's calibration windows), --recon-iters per phase, head int8
+     per channel: int3 g128 AdaRound and
+     LWC + AdaRound vs GPTQ int3 g128 (goal: lower); int2 g64 vs RTN int2
+     g64 (goal: at most half of RTN's perplexity).
+  10. QAT comparison (--quality-parts qat_compare): int4 g128 from the float
+     model with the experiment's recipe (recipes.optimizer, config.finetune), for
+     --qat-seeds batch seeds: LSQ as published (init 2 mean|v|/sqrt(Q_P),
+     plain optimizer), STE with the fixed PTQ step, qwix's QAT recipe
+     (reproduced from its source: absmax scale recomputed from the current
+     weight every step, identity straight-through, RTN at export) and the
+     default (PTQ init + qat.relative_steps). Goal: the default's mean
+     perplexity at most the best other mean.
+
+  python bench/training.py [--part timing|quality|adapters|all] [--repeats 20]
                            [--warmup 3] [--update-every 100] [--json out.json]
   python bench/training.py --part quality [--steps 200] [--lr 3e-4]
                            [--workdir runs/default] [--baseline-steps N]
@@ -68,11 +100,14 @@ import optax
 import compressjax as cj
 from compressjax.data import stdlib_text
 from compressjax.models import transformer
-from compressjax.train import distill, loop, qat, sparse
+from compressjax.core.tree import leaves_with_paths, map_with_paths
+from compressjax.quantization.rtn import quantize_array
+from compressjax.train import (adapters, distill, loop, qat, reconstruct,
+                               sparse)
 from configs import default as default_config
 from experiments import harness
 from experiments import lm_task as E
-from experiments import rows
+from experiments import recipes, rows
 
 GOALS = {
     "qat_step_ratio": ("<=", 1.25),
@@ -82,6 +117,13 @@ GOALS = {
     "qat_gap_closed": (">=", 0.5),
     "kd_minus_ce_ppl": ("<", 0.0),
     "rigl_minus_fixed_dense_distance": ("<", 0.0),
+    "adapter_int4_over_full_ft_peak_memory": ("<", 1.0),
+    "qlora_over_float_lora_ppl": ("<=", 1.02),
+    "loftq_minus_standard_start_ppl_int2": ("<", 0.0),
+    "loftq_minus_standard_start_ppl_int3": ("<", 0.0),
+    "adaround_int3_minus_gptq_int3_ppl": ("<", 0.0),
+    "recon_int2_over_rtn_int2_ppl": ("<=", 0.5),
+    "qat_default_minus_best_other_mean_ppl": ("<=", 0.0),
 }
 
 
@@ -251,6 +293,85 @@ def timing_part(a, c, log) -> tuple[dict, list]:
   return raw, figs
 
 
+# ---------------------------------------------------------------- adapters
+
+
+def _peak_bytes(fn, *args, donate=()) -> int:
+  """XLA's peak memory of jit(fn) on these arguments (buffer assignment)."""
+  c = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
+  return int(c.memory_analysis().peak_memory_in_bytes)
+
+
+def _nbytes(tree) -> int:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+HEAD_8 = [(r"params/head/kernel", dict(bits=8, format=None, group_size=None,
+                                       double_quant=False))]
+
+
+def adapters_part(a, c, log) -> tuple[dict, list]:
+  model = E.build_model(c)
+  seq, bs = c.data.seq_len, c.train.batch_size
+  train_data, _ = stdlib_text.load(max_bytes=c.data.max_bytes,
+                                   max_val_bytes=c.data.max_val_bytes,
+                                   val_files=c.data.val_files)
+  batch = jnp.asarray(next(stdlib_text.train_batches(train_data, seq, bs,
+                                                     seed=c.seed)))
+  variables = jax.jit(model.init)(jax.random.key(c.seed),
+                                  jnp.zeros((1, seq), jnp.int32))
+  opt = finetune_optimizer(a.lr, 1000)
+
+  def full_step(p, s, b):
+    loss, g = jax.value_and_grad(
+        lambda p: ce(model.apply(p, b[:, :-1]), b))(p)
+    u, s = opt.update(g, s, p)
+    return optax.apply_updates(p, u), s, loss
+
+  def adapter_step(p, s, rest, b):
+    loss, g = jax.value_and_grad(lambda p: ce(
+        cj.run(model, cj.combine(p, rest), b[:, :-1]), b))(p)
+    u, s = opt.update(g, s, p)
+    return optax.apply_updates(p, u), s, loss
+
+  bases = {
+      "int4_g128": dict(bits=4, group_size=128),
+      "nf4_dq": dict(format="nf4", group_size=64, double_quant=True),
+      "float": {},
+  }
+  runs = {"full_ft": (full_step, (variables, opt.init(variables), batch))}
+  trained_bytes = {"full_ft": _nbytes(variables)}
+  for name, kw in bases.items():
+    tree = jax.jit(adapters.lora(a.rank, rules=HEAD_8 if kw else [],
+                                 **kw).apply)(variables)
+    ad, rest = adapters.partition(tree)
+    runs[f"lora_{name}"] = (adapter_step, (ad, opt.init(ad), rest, batch))
+    trained_bytes[f"lora_{name}"] = _nbytes(ad)
+  peak = {k: _peak_bytes(f, *args, donate=(0, 1))
+          for k, (f, args) in runs.items()}
+  jitted = {k: jax.jit(f) for k, (f, _) in runs.items()}
+  fns = {k: (lambda k=k: jitted[k](*runs[k][1])) for k in runs}
+  log(f"timing {len(fns)} steps: {a.warmup} warm-up calls each, then "
+      f"{a.repeats} interleaved rounds")
+  t = interleaved_medians(fns, a.warmup, a.repeats)
+  log(f"{'step':18s} {'ms':>9s} {'peak MiB':>9s} {'trained KiB':>12s}")
+  for k in runs:
+    log(f"{k:18s} {t[k] * 1e3:9.2f} {peak[k] / 2**20:9.2f} "
+        f"{trained_bytes[k] / 1024:12.1f}")
+  raw = dict(rank=a.rank, step_ms={k: v * 1e3 for k, v in t.items()},
+             peak_bytes=peak, trained_bytes=trained_bytes,
+             step_ratio_vs_full={k: t[k] / t["full_ft"] for k in t})
+  figs = [figure("adapter_int4_over_full_ft_peak_memory",
+                 peak["lora_int4_g128"] / peak["full_ft"],
+                 f"{peak['lora_int4_g128'] / 2**20:.2f} / "
+                 f"{peak['full_ft'] / 2**20:.2f} MiB; NF4 "
+                 f"{peak['lora_nf4_dq'] / 2**20:.2f}, float LoRA "
+                 f"{peak['lora_float'] / 2**20:.2f}; step "
+                 f"{t['lora_int4_g128'] * 1e3:.1f} vs "
+                 f"{t['full_ft'] * 1e3:.1f} ms")]
+  return raw, figs
+
+
 # ---------------------------------------------------------------- quality
 
 
@@ -271,7 +392,7 @@ def quality_part(a, c, log) -> tuple[dict, list]:
   # the same S batches, in order, for every contender
   it = stdlib_text.train_batches(train_data, c.data.seq_len,
                                  c.train.batch_size, seed=c.seed + 1000)
-  batches = np.stack([next(it) for _ in range(S)])
+  batches = np.stack([next(it) for _ in range(S)]) if S else None
   opt = finetune_optimizer(a.lr, S)
 
   def finetune(name, loss_fn, params=None, tx=opt, state=None):
@@ -382,8 +503,169 @@ def quality_part(a, c, log) -> tuple[dict, list]:
                        abs(p_r - p_float) - abs(p_f - p_float),
                        f"RigL {p_r:.3f} vs fixed {p_f:.3f}, dense "
                        f"{p_float:.3f} (one-shot {p_oneshot:.3f})"))
+  if "adapters" in parts:
+    raw["adapters"], f = _adapter_quality(a, ctx, ppl, log)
+    figs += f
+  if "reconstruct" in parts:
+    raw["reconstruct"], f = _reconstruct_quality(a, ctx, ppl, log)
+    figs += f
+  if "qat_compare" in parts:
+    raw["qat_compare"], f = _qat_compare(a, ctx, ppl, log)
+    figs += f
   raw["seconds"] = time.time() - t0
   return raw, figs
+
+
+def _recipe(c, steps: int, lr: float):
+  """The experiment's fine-tuning recipe (recipes.optimizer) at `steps`,
+  `lr`."""
+  f = c.finetune.copy_and_resolve_references()
+  f.steps, f.learning_rate = steps, lr
+  return f
+
+
+def _adapter_quality(a, ctx, ppl, log):
+  c = ctx.config
+  f = _recipe(c, a.steps, a.adapter_lr)
+  cfgs = {
+      "float_lora": {},
+      "qlora_nf4": dict(format="nf4", group_size=64, double_quant=True),
+      "standard_int2_g64": dict(bits=2, group_size=64),
+      "loftq_int2_g64": dict(bits=2, group_size=64, init="loftq"),
+      "standard_int3_g128": dict(bits=3, group_size=128),
+      "loftq_int3_g128": dict(bits=3, group_size=128, init="loftq"),
+  }
+  out = {}
+  for name, kw in cfgs.items():
+    t0 = time.time()
+    tree = jax.jit(adapters.lora(a.rank, rules=HEAD_8 if kw else [],
+                                 **kw).apply)(ctx.baseline)
+    start = ppl(tree)
+    ad, rest = adapters.partition(tree)
+    end = start
+    if f.steps:
+      res = loop.train(recipes.task_loss(ctx, rest), ad, recipes.optimizer(f),
+                       ctx.task.training.batches(f.batch_size, c.seed),
+                       steps=f.steps, seed=c.seed,
+                       log_every=max(f.steps // 2, 1), tensorboard=False,
+                       progress=lambda s: log(f"  [{name}] {s}"))
+      end = ppl(cj.combine(res.params, rest))
+    out[name] = dict(start_ppl=start, end_ppl=end,
+                     seconds=time.time() - t0)
+    log(f"{name:20s} start {start:.4f}  after {f.steps} steps {end:.4f}")
+  ratio = out["qlora_nf4"]["end_ppl"] / out["float_lora"]["end_ppl"]
+  figs = [figure("qlora_over_float_lora_ppl", ratio,
+                 f"QLoRA {out['qlora_nf4']['end_ppl']:.4f} vs float LoRA "
+                 f"{out['float_lora']['end_ppl']:.4f} (rank {a.rank}, "
+                 f"{f.steps} steps)")]
+  for bits, g in ((2, 64), (3, 128)):
+    lq, st = out[f"loftq_int{bits}_g{g}"], out[f"standard_int{bits}_g{g}"]
+    figs.append(figure(
+        f"loftq_minus_standard_start_ppl_int{bits}",
+        lq["start_ppl"] - st["start_ppl"],
+        f"start {lq['start_ppl']:.3f} vs {st['start_ppl']:.3f}; after "
+        f"{f.steps} steps {lq['end_ppl']:.3f} vs {st['end_ppl']:.3f}"))
+  return dict(rank=a.rank, lr=a.adapter_lr, steps=f.steps, runs=out), figs
+
+
+def _reconstruct_quality(a, ctx, ppl, log):
+  """The experiment's rows (experiments.rows) at --recon-iters."""
+  c = ctx.config
+  c.reconstruct.iters = a.recon_iters
+  out = {}
+  for name in ("int3_g128", "gptq_int3_g128", "adaround_int3_g128",
+               "lwc_adaround_int3_g128", "int2_g64", "lwc_adaround_int2_g64"):
+    ctx.stats  # computed once, outside the rows' clocks
+    t0 = time.time()
+    tree = jax.block_until_ready(rows.make(name, c).compress(ctx))
+    sec = time.time() - t0
+    out[name] = dict(ppl=ppl(tree), seconds=sec)
+    log(f"{name:24s} {out[name]['ppl']:.4f} ({sec:.0f}s)")
+  best3 = min(out["adaround_int3_g128"]["ppl"],
+              out["lwc_adaround_int3_g128"]["ppl"])
+  figs = [
+      figure("adaround_int3_minus_gptq_int3_ppl",
+             best3 - out["gptq_int3_g128"]["ppl"],
+             f"AdaRound {out['adaround_int3_g128']['ppl']:.3f}, LWC+AdaRound "
+             f"{out['lwc_adaround_int3_g128']['ppl']:.3f} vs GPTQ "
+             f"{out['gptq_int3_g128']['ppl']:.3f} (RTN "
+             f"{out['int3_g128']['ppl']:.3f})"),
+      figure("recon_int2_over_rtn_int2_ppl",
+             out["lwc_adaround_int2_g64"]["ppl"] / out["int2_g64"]["ppl"],
+             f"{out['lwc_adaround_int2_g64']['ppl']:.3f} vs RTN "
+             f"{out['int2_g64']['ppl']:.3f}"),
+  ]
+  return dict(iters=a.recon_iters, rows=out), figs
+
+
+def _qwix_like_tree(ctx, f, seed):
+  """qwix's QAT recipe (read from its source: dot_general_qt): the weight's
+  absmax scale recomputed from the current float weight every forward (no
+  gradient), round-to-nearest with an identity straight-through gradient;
+  exported by the int4_g128 row (RTN) of the trained weights."""
+  c, model, variables = ctx.config, ctx.model, ctx.baseline
+  quant = rows.make("int4_g128", c).build(ctx)
+  # per quantized path: format, contraction axes and group size of the row
+  how = {}
+  for path, qa in leaves_with_paths(jax.eval_shape(quant.apply, variables)):
+    if isinstance(qa, cj.QArray):
+      how[path] = (qa.fmt, qa.contract,
+                   None if qa.groups == 1 else qa.group_size)
+
+  def fq(path, w):
+    if path not in how:
+      return w
+    fmt, axis, group = how[path]
+    s = quantize_array(jax.lax.stop_gradient(w), format=fmt,
+                       group_size=group, axis=axis).scale_values()
+    return qat.fake_quant(w, s, fmt, axis=axis)
+
+  def loss_fn(p, batch, rng):
+    del rng
+    tree = map_with_paths(fq, p)
+    logits = model.apply(tree, batch[:, :-1])
+    return transformer.next_token_loss(logits, batch[:, 1:]).mean(), {}
+
+  res = loop.train(loss_fn, variables, recipes.optimizer(f),
+                   ctx.task.training.batches(f.batch_size, seed),
+                   steps=f.steps, seed=c.seed, log_every=None,
+                   tensorboard=False, progress=False)
+  return quant.apply(res.params)
+
+
+def _qat_compare(a, ctx, ppl, log):
+  c = ctx.config
+  f = _recipe(c, a.steps, c.finetune.learning_rate)
+  q = dict(bits=4, group_size=128, rules=rows.head_rules(ctx, 4))
+  variants = {  # (qat options, steps in log space)
+      "lsq_paper": (dict(q, step_init="lsq"), False),
+      "ste_fixed_ptq": (dict(q, weight="ste"), False),
+      "default": (q, True),
+  }
+  runs: dict = {k: [] for k in [*variants, "qwix_like"]}
+  for i in range(a.qat_seeds):
+    seed = c.seed + i
+    for name, (kw, rel) in variants.items():
+      tree = qat.qat(**kw).apply(ctx.baseline)
+      flo, rest = cj.partition_float(tree)
+      opt = recipes.optimizer(f)
+      if rel:
+        opt = optax.chain(opt, qat.relative_steps())
+      res = loop.train(recipes.task_loss(ctx, rest), flo, opt,
+                       ctx.task.training.batches(f.batch_size, seed),
+                       steps=f.steps, seed=c.seed, log_every=None,
+                       tensorboard=False, progress=False)
+      runs[name].append(ppl(qat.export(cj.combine(res.params, rest))))
+    runs["qwix_like"].append(ppl(_qwix_like_tree(ctx, f, seed)))
+    log(f"seed {seed}: " + ", ".join(f"{k} {v[-1]:.4f}"
+                                     for k, v in runs.items()))
+  means = {k: float(np.mean(v)) for k, v in runs.items()}
+  best_other = min(v for k, v in means.items() if k != "default")
+  figs = [figure("qat_default_minus_best_other_mean_ppl",
+                 means["default"] - best_other,
+                 ", ".join(f"{k} {v:.4f}" for k, v in means.items()) +
+                 f" (means over {a.qat_seeds} batch seeds)")]
+  return dict(steps=f.steps, runs=runs, means=means), figs
 
 
 # ---------------------------------------------------------------- main
@@ -391,7 +673,7 @@ def quality_part(a, c, log) -> tuple[dict, list]:
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  ap.add_argument("--part", choices=("timing", "quality", "all"),
+  ap.add_argument("--part", choices=("timing", "quality", "adapters", "all"),
                   default="timing")
   ap.add_argument("--quality", action="store_true",
                   help="same as --part all")
@@ -408,7 +690,12 @@ def main():
   ap.add_argument("--rigl-every", type=int, default=0,
                   help="quality: RigL update period (0: steps // 8)")
   ap.add_argument("--rigl-drop", type=float, default=0.3)
-  ap.add_argument("--quality-parts", default="qat,kd,rigl")
+  ap.add_argument("--quality-parts", default="qat,kd,rigl",
+                  help="any of qat,kd,rigl,adapters,reconstruct,qat_compare")
+  ap.add_argument("--rank", type=int, default=8, help="adapter rank")
+  ap.add_argument("--adapter-lr", type=float, default=1e-3)
+  ap.add_argument("--recon-iters", type=int, default=2000)
+  ap.add_argument("--qat-seeds", type=int, default=3)
   ap.add_argument("--workdir", default="runs/default",
                   help="holds the cached float baseline")
   ap.add_argument("--baseline-steps", type=int, default=0,
@@ -431,6 +718,9 @@ def main():
   figs = []
   if a.part in ("timing", "all"):
     out["timing"], f = timing_part(a, c, log)
+    figs += f
+  if a.part in ("adapters", "all"):
+    out["adapters"], f = adapters_part(a, c, log)
     figs += f
   if a.part in ("quality", "all"):
     out["quality"], f = quality_part(a, c, log)

@@ -93,6 +93,17 @@ def get_config() -> ml_collections.ConfigDict:
   c.finetune.drop_fraction = 0.1   # RigL/SET, cosine-decayed (paper: 0.3)
   c.finetune.distribution = "uniform"  # layer densities: uniform | erk
 
+  # Adapter rows (lora_r8, qlora_nf4_r8, loftq_int2_g64_r8, ...): the
+  # finetune budget and schedule, adapters alone trained at this peak lr.
+  c.adapters = ml_collections.ConfigDict()
+  c.adapters.alpha = 16.0          # adapters scaled by alpha / rank
+  c.adapters.learning_rate = 1e-3
+  c.adapters.loftq_iters = 5       # LoftQ alternations T
+
+  # Learned rounding / clipping rows (adaround_int3_g128, lwc_..., ...).
+  c.reconstruct = ml_collections.ConfigDict()
+  c.reconstruct.iters = 2000       # Adam steps per layer and phase
+
   # Rows of the table, in order (experiments/rows.py).
   c.methods = ("float32,int8,int4_g128,unstructured_50,nm_2_4,lowrank,"
                "nm_2_4+int4,int3_g128,int2_g64,ternary,nf4,fp8_e4m3,mxfp4,"

@@ -1,5 +1,6 @@
 """Training recipes of the experiments: QAT, distillation, dynamic sparse
-training and the float control, each fine-tuning a task's float baseline.
+training, low-rank adapters on compressed bases and the float control, each
+fine-tuning a task's float baseline.
 
 Every recipe takes a `harness.Context` (the task supplies the loss and the
 batches: `Task.training`) and `config.finetune` (the optimizer and budget,
@@ -22,7 +23,7 @@ import numpy as np
 import optax
 
 import compressjax as cj
-from compressjax.train import distill, loop, qat, sparse
+from compressjax.train import adapters, distill, loop, qat, sparse
 from experiments.harness import Context
 
 
@@ -82,12 +83,31 @@ def float_recipe(ctx: Context, name: str) -> tuple[Any, dict]:
 
 def qat_recipe(ctx: Context, name: str, **qat_kw) -> tuple[Any, dict]:
   """LSQ QAT (weights; qat_kw as compressjax.train.qat.qat) initialized from
-  the float model, all float params trained; exported to QArrays."""
+  the float model (steps from the PTQ scales), all float params trained, the
+  steps in log space (`qat.relative_steps`: Adam would otherwise move them
+  ~10-50x faster, relatively, than their weights); exported to QArrays."""
   tree = qat.qat(**qat_kw).apply(ctx.baseline)
   flo, rest = cj.partition_float(tree)
-  res = _train(ctx, name, qat_kw, task_loss(ctx, rest), flo,
-               optimizer(ctx.config.finetune))
+  opt = optax.chain(optimizer(ctx.config.finetune), qat.relative_steps())
+  res = _train(ctx, name, dict(qat_kw, relative_steps=True),
+               task_loss(ctx, rest), flo, opt)
   return qat.export(cj.combine(res.params, rest)), facts(res)
+
+
+def adapter_recipe(ctx: Context, name: str, **lora_kw) -> tuple[Any, dict]:
+  """Low-rank adapters (compressjax.train.adapters.lora; lora_kw its
+  options: rank, base quantizer, init) on the float baseline, the adapters
+  alone trained at config.adapters.learning_rate (the finetune schedule
+  otherwise); the base stays frozen and compressed. Returns the tree with
+  its LoRA leaves (base + float32 factors, not merged) and the facts."""
+  c = ctx.config
+  f = c.finetune.copy_and_resolve_references()
+  f.learning_rate = c.adapters.learning_rate
+  tree = adapters.lora(**lora_kw).apply(ctx.baseline)
+  ad, rest = adapters.partition(tree)
+  res = _train(ctx, name, dict(lora_kw, lr=f.learning_rate),
+               task_loss(ctx, rest), ad, optimizer(f))
+  return cj.combine(res.params, rest), facts(res)
 
 
 def distill_recipe(ctx: Context, name: str, student: cj.Transform,

@@ -34,6 +34,7 @@ from compressjax.quantization.awq import awq
 from compressjax.quantization.gptq import gptq
 from compressjax.quantization.rotation import quarot, rotation_gptq
 from compressjax.quantization.smoothquant import smoothquant
+from compressjax.train import reconstruct
 from experiments import recipes
 from experiments.harness import Context
 
@@ -465,8 +466,9 @@ def _float_ft(name, c):
 def _qat(name, c, bits, group):
   _bits(name, bits)
   return Row(
-      name, f"QAT (LSQ steps, straight-through) int{bits} g{group}, "
-      f"{_steps(c)} from the float model, exported to QArray"
+      name, f"QAT (LSQ steps from the PTQ scales, learned in log space; "
+      f"straight-through) int{bits} g{group}, {_steps(c)} from the float "
+      "model, exported to QArray"
       f"{_head_note(c, bits)}",
       lambda ctx: recipes.qat_recipe(ctx, name, bits=bits, group_size=group,
                                      rules=head_rules(ctx, bits))[0], _TRAIN)
@@ -514,3 +516,94 @@ def _gmp(name, c, pct):
       f"{_steps(c)}{_sparse_note(c)}",
       lambda ctx: recipes.sparse_recipe(ctx, name, "gmp", s,
                                         rules=sparse_rules(ctx))[0], _TRAIN)
+
+
+# ---------------------------------------------------------------------------
+# Adapters on compressed bases (compressjax.train.adapters; recipes.
+# adapter_recipe: config.finetune's budget at config.adapters.learning_rate,
+# only the adapters trained) and learned rounding / clipping
+# (compressjax.train.reconstruct, per layer from one-shot statistics)
+# ---------------------------------------------------------------------------
+
+def _rank(name, rank):
+  _check(name, rank >= 1, f"adapter rank must be >= 1, got {rank}")
+  return rank
+
+
+def _adapter_note(c, rank: int) -> str:
+  a = c.adapters
+  return (f"rank-{rank} adapters (alpha {a.alpha}) on every kernel, kept "
+          f"separate (float32), {_steps(c)} at lr {a.learning_rate}")
+
+
+@family(r"lora_r(?P<rank>\d+)", "lora_r8")
+def _lora(name, c, rank):
+  _rank(name, rank)
+  return Row(
+      name, f"control: LoRA on the float model, {_adapter_note(c, rank)}",
+      lambda ctx: recipes.adapter_recipe(
+          ctx, name, rank=rank, alpha=c.adapters.alpha)[0], _TRAIN)
+
+
+def _adapter_head(ctx: Context, bits: int) -> list:
+  """head_rules with the quantizer options lora takes (a float head keeps
+  its adapter: the rule leaves the base float)."""
+  return [(p, dict(cfg or dict(bits=None, format=None, group_size=None),
+                   double_quant=False)) for p, cfg in head_rules(ctx, bits)]
+
+
+def _reconstruct_head(ctx: Context, bits: int) -> list:
+  """head_rules with the options reconstruct takes (None: the head float)."""
+  return [(p, cfg and dict(bits=cfg["bits"], group_size=None))
+          for p, cfg in head_rules(ctx, bits)]
+
+
+@family(r"qlora_nf4_r(?P<rank>\d+)", "qlora_nf4_r8")
+def _qlora(name, c, rank):
+  _rank(name, rank)
+  g = c.quant.nf4_group_size
+  return Row(
+      name, f"QLoRA: NF4 base, absmax blocks of {g} with 8-bit double-"
+      f"quantized scales, {_adapter_note(c, rank)}{_head_note(c, 4)}",
+      lambda ctx: recipes.adapter_recipe(
+          ctx, name, rank=rank, alpha=c.adapters.alpha, format="nf4",
+          group_size=g, double_quant=True,
+          rules=_adapter_head(ctx, 4))[0], _TRAIN)
+
+
+@family(r"(?P<init>lora|loftq)_int(?P<bits>\d+)_g(?P<group>\d+)_r"
+        r"(?P<rank>\d+)", "loftq_int2_g64_r8")
+def _lora_int(name, c, init, bits, group, rank):
+  _bits(name, bits)
+  _rank(name, rank)
+  start = (f"LoftQ start ({c.adapters.loftq_iters} alternations of "
+           "quantization and SVD of the residual)" if init == "loftq" else
+           "standard start (B = 0: the RTN model)")
+  return Row(
+      name, f"int{bits} RTN base, groups of {group}, {start}, "
+      f"{_adapter_note(c, rank)}{_head_note(c, bits)}",
+      lambda ctx: recipes.adapter_recipe(
+          ctx, name, rank=rank, alpha=c.adapters.alpha, bits=bits,
+          group_size=group, iters=c.adapters.loftq_iters,
+          init="standard" if init == "lora" else "loftq",
+          rules=_adapter_head(ctx, bits))[0], _TRAIN)
+
+
+_RECON = {"adaround": "AdaRound (learned rounding, RTN scales)",
+          "lwc": "OmniQuant learnable weight clipping",
+          "lwc_adaround": "OmniQuant clipping, then AdaRound with it"}
+
+
+@family(r"(?P<method>adaround|lwc|lwc_adaround)_int(?P<bits>\d+)_g"
+        r"(?P<group>\d+)", "adaround_int3_g128")
+def _reconstruct(name, c, method, bits, group):
+  _bits(name, bits)
+  it = c.reconstruct.iters
+  return Row(
+      name, f"{_RECON[method]} int{bits}, groups of {group}, from RTN: each "
+      f"layer's output error on one-shot calibration, {it} Adam steps per "
+      f"phase{_head_note(c, bits)} (learned too)",
+      lambda ctx: reconstruct.reconstruct(
+          ctx.stats, bits, group_size=group,
+          method=method.replace("_", "+"), iters=it,
+          rules=_reconstruct_head(ctx, bits)), _STATS)

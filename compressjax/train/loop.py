@@ -50,7 +50,24 @@ Files under `workdir`: `metrics.jsonl` (one JSON object per log or eval),
 `tb/` (TensorBoard scalars, needs `tensorboardX`) and `checkpoints/` (orbax,
 the whole TrainState). A run started on a workdir with checkpoints resumes
 from the latest; metrics.jsonl and TensorBoard drop what a killed run logged
-past it. Single-process only (one host, any number of local devices).
+past it.
+
+Multi-process (`jax.distributed`): every process runs the same `train(...)`
+call with a `mesh` over the devices of all processes, e.g. `process_mesh(
+model=2)`: the "data" axis spans the processes (data parallel across them),
+every other axis stays inside one process (model sharding within). Each
+process calls `batch_fn(step)` for the *global* batch (a pure function of the
+step, so all agree) and places only its own shards. Only process 0 writes
+metrics.jsonl, TensorBoard and progress lines; every process returns the same
+history. Checkpoints are written by all processes together (orbax; the
+workdir must be a filesystem they share) and hold global arrays, so a run can
+resume under any process count and mesh that divide the arrays: orbax
+reshards onto the new layout.
+
+    jax.distributed.initialize("host0:1234", num_processes=2, process_id=i)
+    out = train(loss_fn, params, opt, batch_fn, steps=1000, workdir=shared,
+                checkpoint_every=100, mesh=process_mesh(model=2),
+                param_sharding=shard_last_dim(process_mesh(model=2)))
 """
 
 from __future__ import annotations
@@ -70,10 +87,11 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, Sharding
 
+from compressjax.core.errors import CompressionError
 from compressjax.core.tree import path_str
 
 __all__ = ["TrainState", "TrainResult", "init_state", "train",
-           "epoch_batches", "shard_last_dim"]
+           "epoch_batches", "shard_last_dim", "process_mesh"]
 
 
 @flax.struct.dataclass
@@ -182,7 +200,60 @@ def shard_last_dim(mesh: Mesh, axis: str = "model",
   return spec
 
 
+def process_mesh(model: int = 1, axes: tuple[str, str] = ("data", "model")
+                 ) -> Mesh:
+  """A (data, model) mesh over the devices of every process: `model`
+  devices of one process per model group, the data axis over the rest (so
+  across processes). With one process it is just the local devices."""
+  local = jax.local_device_count()
+  if model < 1 or local % model:
+    raise CompressionError(
+        f"process_mesh(model={model}): the model axis must divide the "
+        f"{local} local devices of each process (model sharding stays "
+        "within a process); use a divisor of "
+        f"{local}")
+  devs = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+  return Mesh(np.array(devs).reshape(len(devs) // model, model), axes)
+
+
 # ---------------------------------------------------------------- checks
+
+
+def _check_processes(mesh: Mesh | None) -> None:
+  """Multi-process layout: the data axis over processes, the rest within."""
+  n = jax.process_count()
+  if n == 1:
+    return
+  if mesh is None:
+    raise CompressionError(
+        f"training under jax.distributed with {n} processes needs mesh= "
+        "over the devices of every process, e.g. loop.process_mesh(model=1)")
+  procs = np.vectorize(lambda d: d.process_index)(mesh.devices)
+  axes = dict(zip(mesh.axis_names, mesh.devices.shape))
+  if "data" not in mesh.axis_names:
+    raise CompressionError(
+        f"mesh axes {mesh.axis_names} have no 'data' axis to spread over the "
+        f"{n} processes; name the data-parallel axis 'data'")
+  missing = sorted(set(range(n)) - set(procs.ravel().tolist()))
+  if missing:
+    raise CompressionError(
+        f"mesh {axes} has no device of process(es) {missing}; every one of "
+        f"the {n} processes must hold part of it (loop.process_mesh does)")
+  if axes["data"] % n:
+    raise CompressionError(
+        f"process count {n} does not divide the mesh's data axis of size "
+        f"{axes['data']} (mesh {axes}); use a data axis that is a multiple "
+        f"of {n}, e.g. loop.process_mesh(model=...)")
+  rows = np.moveaxis(procs, mesh.axis_names.index("data"), 0)
+  rows = rows.reshape(axes["data"], -1)
+  if (rows != rows[:, :1]).any() or len(
+      set(np.unique(rows[:, 0], return_counts=True)[1].tolist())) != 1:
+    raise CompressionError(
+        f"mesh {axes} puts devices of several processes on one data index "
+        "(or gives processes unequal shares); the non-data axes (model "
+        "sharding) must stay within a process: build it with "
+        "loop.process_mesh(model=...)")
+
 
 
 def _check_float(params: Any) -> None:
@@ -394,6 +465,8 @@ def _fresh(x: Any, sharding: Sharding) -> jax.Array:
   device_put may reuse a source buffer for one shard even with
   may_alias=False; donating that would delete the caller's array. Weak types
   (from Python scalars) would differ from a restored checkpoint's."""
+  if not sharding.is_fully_addressable:
+    return _global(x, sharding)
   if not isinstance(x, jax.Array):
     x = np.asarray(x)
   y = jax.device_put(x, sharding, may_alias=False)
@@ -402,6 +475,18 @@ def _fresh(x: Any, sharding: Sharding) -> jax.Array:
   if y.weak_type:
     y = y.astype(y.dtype)
   return y
+
+
+def _global(x: Any, sharding: Sharding) -> jax.Array:
+  """A global array on a multi-process `sharding` from `x`, a host value
+  every process holds alike (or an array already global): each process
+  places only its own shards, in new buffers."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    y = jax.jit(jnp.copy, out_shardings=sharding)(x)
+  else:
+    x = np.asarray(x)
+    y = jax.make_array_from_callback(x.shape, sharding, lambda i: x[i])
+  return y.astype(y.dtype) if y.weak_type else y
 
 
 def _layout(params: Any, opt_abs: Any, extra: Any, mesh: Mesh | None,
@@ -553,6 +638,7 @@ def train(loss_fn: Callable, params: Any,
       raise ImportError("tensorboard=True needs tensorboardX (pip install "
                         "tensorboardX), or pass tensorboard=False") from None
 
+  _check_processes(mesh)
   if state is not None:
     params, extra = state.params, state.extra
   _check_float(params)
@@ -606,7 +692,10 @@ def _run(loss_fn, optimizer, batch_fn, state, st_sh, *, steps, workdir, mngr,
   # out_shardings pin the state's layout (and so a checkpoint's) per step
   jitted = jax.jit(step_fn, donate_argnums=0,
                    out_shardings=(st_sh, st_sh.step))
-  log = _Logger(workdir, tensorboard, progress, start)
+  # one writer: process 0 (the others compute the same lines)
+  primary = jax.process_index() == 0
+  log = _Logger(workdir if primary else None, tensorboard, progress if primary
+                else False, start)
   if start and log.say:
     log.say(f"resumed at step {start}/{steps}")
   t0 = last_t = time.perf_counter()
@@ -615,8 +704,9 @@ def _run(loss_fn, optimizer, batch_fn, state, st_sh, *, steps, workdir, mngr,
     for s in range(start, steps):
       batch = batch_fn(s)
       if mesh is not None:
-        batch = jax.device_put(
-            batch, _batch_shardings(batch, mesh, batch_sharding))
+        shs = _batch_shardings(batch, mesh, batch_sharding)
+        batch = (jax.device_put(batch, shs) if jax.process_count() == 1
+                 else jax.tree.map(_global, batch, shs))
       state, metrics = jitted(state, batch)
       done = s + 1
       if done == start + 1:

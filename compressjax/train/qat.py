@@ -28,6 +28,32 @@ not LSQ's init, which assumes a uniform grid. weight="ste" keeps the PTQ step
 fixed. Formats qualify by `Format.capabilities.qat` (a plain float step per
 group); block-scale schemes and codebooks do not.
 
+Step init and step learning rate (the default LM, int4 g128, 200 steps of
+the experiment's Adam recipe from the float model, val ppl; first baseline:
+float 5.348, RTN 5.394, one batch seed; second: float 5.322, mean of two
+batch seeds; bench/training.py --quality-parts qat_compare):
+                                                             first  second
+  LSQ init 2 mean|v| / sqrt(Q_P), step at the weights' lr    5.223  5.182
+  LSQ, PTQ (absmax) init                                      5.207      -
+  STE, fixed PTQ step                                         5.202  5.181
+  qwix QAT (absmax step recomputed every step, identity STE) 5.196  5.177
+  LSQ, PTQ init, steps updated in log space (relative_steps) 5.191  5.179
+The spread is small (second baseline: 0.006, per-seed differences up to
+0.008 either way), so these orderings are not settled.
+Two causes. (1) LSQ's init, derived for per-layer steps of ResNet weights,
+is far from the error-minimizing step for groups of 128: the PTQ scale starts
+closer, so `step_init="ptq"` is the default (`"lsq"` keeps the paper's).
+(2) LSQ's gradient scale g balances step and weight updates under SGD; Adam
+divides every parameter's gradient by its own RMS, so g has no effect and a
+step moves by ~lr per update in absolute terms, while a step is ~10-50x
+smaller than the weights of its group: its relative updates are far larger
+than theirs, and a step change moves all weights of its group at once.
+`relative_steps()` (chain it after the optimizer) applies each step's update
+multiplicatively, s <- s exp(u): Adam on log s, scale-free (the same
+relative rate for every layer whatever its step size) and s stays positive.
+A fixed lr multiplier of 0.03 for the steps did about as well on this model
+(5.193) but is a constant tied to the step sizes.
+
 Activations. PACT (Choi et al. 2018, "PACT: Parameterized Clipping
 Activation", Sec. 2): y = clip(x, 0, alpha), quantized to k bits with the
 static scale alpha / (2^k - 1); d y_q / d alpha = 1 where x >= alpha (STE
@@ -60,12 +86,14 @@ QArray codes/scale/zero are bit-exact.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any, ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from compressjax.core import transform as transform_lib
 from compressjax.core.base import (CompressedLeaf, Stage, compressed_leaf,
@@ -88,7 +116,7 @@ from compressjax.runtime import dispatch
 
 WEIGHT_MODES = ("lsq", "ste")
 ACTS = (None, "int8", "fp8_e4m3", "fp8_e5m2", "pact")
-STEP_INITS = ("lsq", "ptq")
+STEP_INITS = ("ptq", "lsq")
 # Initial clip: wide, so training starts near the float model; the alpha
 # gradient (x >= alpha) and the L2 penalty then pull it in.
 PACT_ALPHA_INIT = 10.0
@@ -326,7 +354,7 @@ def _check_train_cfg(path: str, shape, cfg) -> None:
   if mode not in WEIGHT_MODES:
     raise CompressionError(f"qat weight={mode!r}: use one of {WEIGHT_MODES}",
                            path)
-  if cfg.get("step_init", "lsq") not in STEP_INITS:
+  if cfg.get("step_init", "ptq") not in STEP_INITS:
     raise CompressionError(f"qat step_init={cfg.get('step_init')!r}: use one "
                            f"of {STEP_INITS}", path)
   act = cfg.get("act")
@@ -375,8 +403,9 @@ def _make(path, weight, step, zero, shape, dtype, fmt, contract, cfg):
 def fake_quant_leaf(w, bits: int | None = None, *, path: str = "<array>",
                     **cfg) -> FakeQuant:
   """FakeQuant for float kernel `w` (config keys as `qat`). The step is the
-  PTQ (`quantize_array`) scale, or LSQ's 2 mean|v| / sqrt(Q_P) per group for
-  weight="lsq" with step_init="lsq" on symmetric integer formats."""
+  PTQ (`quantize_array`) scale (step_init="ptq", the default), or LSQ's
+  2 mean|v| / sqrt(Q_P) per group for weight="lsq" with step_init="lsq" on
+  symmetric integer formats."""
   cfg = dict(cfg, bits=bits)
   _check_cfg(path, w.shape, cfg)
   qcfg = {k: cfg[k] for k in _QUANT_KEYS if k in cfg}
@@ -385,7 +414,7 @@ def fake_quant_leaf(w, bits: int | None = None, *, path: str = "<array>",
   step, zero = ptq.scale.astype(jnp.float32), ptq.zero
   v = jnp.asarray(w, jnp.float32)
   caps = fmt.capabilities
-  if (cfg.get("weight", "lsq") == "lsq" and cfg.get("step_init", "lsq") ==
+  if (cfg.get("weight", "lsq") == "lsq" and cfg.get("step_init", "ptq") ==
       "lsq" and caps.uniform and not caps.zero_point):
     gs = cfg.get("group_size")
     vm = ptq.layout.to_matrix(jnp.abs(v))
@@ -468,7 +497,8 @@ class QatOptions(rules_lib.Options):
   weight: Literal[WEIGHT_MODES] = option(
       "lsq", "lsq: learned step (eq. 3); ste: fixed PTQ step")
   step_init: Literal[STEP_INITS] = option(
-      "lsq", "lsq: 2 mean|v| / sqrt(Q_P) (symmetric int); ptq: PTQ scale")
+      "ptq", "ptq: the PTQ scale; lsq: 2 mean|v| / sqrt(Q_P) (symmetric "
+      "int, the paper's; worse for grouped steps, see module doc)")
   act: Literal[ACTS] = option(
       None, "activations: int8 / fp8 per token (STE) or pact (learned clip)")
   act_bits: int = option(8, "PACT bits", check=lambda b: 2 <= b <= 8,
@@ -548,6 +578,30 @@ def export(tree: Any) -> Any:
   return map_with_paths(one, tree)
 
 
+def relative_steps() -> optax.GradientTransformation:
+  """An optax transformation to chain after the optimizer: the update u of
+  every FakeQuant step becomes s (exp(u) - 1), so s <- s exp(u) (the step
+  learned in log space; see the module doc for why Adam needs it). Other
+  updates pass unchanged. Needs `params` (optax.chain passes them on):
+
+      opt = optax.chain(optax.adam(lr), qat.relative_steps())
+  """
+  is_fq = lambda x: isinstance(x, FakeQuant)
+
+  def update(updates, state, params=None):
+    if params is None:
+      raise ValueError("relative_steps needs the params: call "
+                       "opt.update(grads, state, params)")
+
+    def one(u, p):
+      if is_fq(u) and u.step is not None:
+        return dataclasses.replace(u, step=p.step * jnp.expm1(u.step))
+      return u
+    return jax.tree.map(one, updates, params, is_leaf=is_fq), state
+
+  return optax.GradientTransformation(lambda p: optax.EmptyState(), update)
+
+
 def pact_penalty(tree: Any, coeff: float) -> jax.Array:
   """L2 regularizer coeff * sum(alpha^2) over PACT leaves (Choi et al., Sec. 2),
   to add to the loss."""
@@ -560,4 +614,5 @@ def pact_penalty(tree: Any, coeff: float) -> jax.Array:
 
 __all__ = ["ACTS", "FakeQuant", "PactInput", "export", "export_leaf",
            "fake_quant", "fake_quant_leaf", "from_ptq", "grad_scale",
-           "pact", "pact_penalty", "per_token_fake_quant", "qat"]
+           "pact", "pact_penalty", "per_token_fake_quant", "qat",
+           "relative_steps"]

@@ -1,9 +1,14 @@
 """compressjax.train.loop on a tiny MLP regression: learning, logging, exact
-resume, compressed trees, errors, and (own process, 8 host devices) sharding."""
+resume, compressed trees, errors, (own process, 8 host devices) sharding, and
+2 local processes under jax.distributed (data parallel across them, model
+sharded within), equal to the single-process run, checkpoints moving between
+1 and 2 processes."""
 
 import functools
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -16,8 +21,9 @@ import optax
 import pytest
 
 import compressjax as cj
+from compressjax.core.errors import CompressionError
 from compressjax.train.loop import (TrainState, epoch_batches, init_state,
-                                    train)
+                                    process_mesh, train)
 
 MODEL = nn.Sequential([nn.Dense(16), nn.relu, nn.Dense(1)])
 
@@ -351,3 +357,136 @@ def test_sharded_8_devices_matches_single_device():
                            os.path.dirname(os.path.abspath(__file__)))))
   assert out.returncode == 0, out.stderr[-4000:]
   assert "SHARDED_OK" in out.stdout
+
+
+WORKER = textwrap.dedent("""
+    import os, sys
+    pid, port, d = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    import jax
+    jax.distributed.initialize(f"localhost:{port}", num_processes=2,
+                               process_id=pid, initialization_timeout=120)
+    import numpy as np, optax
+    from jax.experimental import multihost_utils
+    from jax.sharding import Mesh, PartitionSpec as P
+    sys.path.insert(0, os.path.dirname(TEST_FILE))
+    import test_loop as t
+    from compressjax.core.errors import CompressionError
+    from compressjax.train.loop import (epoch_batches, process_mesh,
+                                        shard_last_dim, train)
+
+    assert jax.process_count() == 2 and jax.local_device_count() == 2
+    mesh = process_mesh(model=2)
+    # the data axis over the processes, the model axis within one
+    assert mesh.shape == {"data": 2, "model": 2}
+    assert [{x.process_index for x in row} for row in mesh.devices] == \\
+        [{0}, {1}]
+    opt = optax.chain(t._masked_counter(), optax.adam(1e-2))
+    data = epoch_batches(t._data(), 32, seed=0)
+    kw = dict(mesh=mesh, param_sharding=shard_last_dim(mesh, "model"),
+              log_every=1, progress=False, tensorboard=False,
+              checkpoint_every=3)
+    # stops at 3 (as if killed) for the single process to resume
+    a = train(t.loss_fn, t._params(), opt, data, steps=3,
+              workdir=d + "/a", **kw)
+    k = a.params["layers_0"]["kernel"]
+    assert k.sharding.spec == P(None, "model") and not k.is_fully_addressable
+    # resumes the single-process checkpoint at step 3 on this mesh
+    b = train(t.loss_fn, t._params(), opt, data, steps=6, workdir=d + "/b",
+              **kw)
+    assert [h["step"] for h in b.history] == [4, 5, 6]
+
+    # a process count that does not divide the data axis
+    bad = Mesh(np.array(jax.devices()).reshape(1, 4), ("data", "model"))
+    try:
+      train(t.loss_fn, t._params(), opt, data, steps=1, mesh=bad)
+      raise AssertionError("no error")
+    except CompressionError as e:
+      assert "process count 2 does not divide" in str(e), e
+    try:
+      train(t.loss_fn, t._params(), opt, data, steps=1)
+      raise AssertionError("no error")
+    except CompressionError as e:
+      assert "needs mesh=" in str(e), e
+
+    out = {}
+    for name, r in (("a", a), ("b", b)):
+      gathered = multihost_utils.process_allgather(r.state.params,
+                                                   tiled=True)
+      for i, x in enumerate(jax.tree.leaves(gathered)):
+        out[f"{name}_p{i}"] = np.asarray(x)
+      out[f"{name}_loss"] = np.array([h["loss"] for h in r.history])
+    if pid == 0:
+      np.savez(d + "/out.npz", **out)
+    # only process 0 writes the metrics
+    print("WORKER_OK", pid, os.path.exists(d + "/a/metrics.jsonl"))
+    jax.distributed.shutdown()
+""")
+
+
+def _port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _launch(d: str) -> list[str]:
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  code = f"TEST_FILE = {os.path.abspath(__file__)!r}\n" + WORKER
+  root = os.path.dirname(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))))
+  port = str(_port())
+  procs = [subprocess.Popen([sys.executable, "-c", code, str(i), port, d],
+                            env=env, cwd=root, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  outs = []
+  try:
+    for p in procs:
+      out, err = p.communicate(timeout=300)
+      assert p.returncode == 0, err[-4000:]
+      outs.append(out)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  return outs
+
+
+def test_two_processes_equal_single_process_and_reshard(tmp_path):
+  d = str(tmp_path)
+  opt = optax.chain(_masked_counter(), optax.adam(1e-2))
+  data = epoch_batches(_data(), 32, seed=0)
+  kw = dict(log_every=1, progress=False, tensorboard=False)
+  ref = train(loss_fn, _params(), opt, data, steps=6, workdir=d + "/b",
+              checkpoint_every=3, **kw)
+  # a run killed after its step-3 checkpoint: the 2 processes resume it
+  shutil.rmtree(d + "/b/checkpoints/6")
+
+  outs = _launch(d)
+  assert "WORKER_OK 0 True" in outs[0] and "WORKER_OK 1 True" in outs[1]
+  got = np.load(d + "/out.npz")
+  ref_loss = np.array([h["loss"] for h in ref.history])
+  ref_p = [np.asarray(x) for x in jax.tree.leaves(ref.state.params)]
+  np.testing.assert_allclose(got["a_loss"], ref_loss[:3], rtol=1e-5)
+  np.testing.assert_allclose(got["b_loss"], ref_loss[3:], rtol=1e-5)
+  for i, x in enumerate(ref_p):
+    np.testing.assert_allclose(got[f"b_p{i}"], x, rtol=1e-5, atol=1e-6)
+  # process 0 wrote one line per step
+  with open(d + "/a/metrics.jsonl") as f:
+    assert len(f.readlines()) == 3
+
+  # the 2-process checkpoint at step 3 resumes in this one process
+  c = train(loss_fn, _params(), opt, data, steps=6, workdir=d + "/a",
+            **kw)
+  assert [h["step"] for h in c.history] == [4, 5, 6]
+  for x, y in zip(jax.tree.leaves(c.state), jax.tree.leaves(ref.state)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_process_mesh_errors():
+  with pytest.raises(CompressionError, match="must divide the 1 local"):
+    process_mesh(model=2)
+  m = process_mesh()
+  assert m.shape == {"data": jax.device_count(), "model": 1}

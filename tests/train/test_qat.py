@@ -85,8 +85,8 @@ def test_lsq_step_gradient_is_eq3_times_g(bits, gran, full, seed):
   # LSQ's signed grid is the full range (Q_N = 2^(b-1)); the default narrow
   # grid (int<b>_narrow) has Q_N = Q_P
   leaf = Q.fake_quant_leaf(w, format=f"int{bits}_{'full' if full else 'narrow'}",
-                           weight="lsq", **GRANS[gran])
-  # init: s = 2 mean|v| / sqrt(Q_P) per step
+                           weight="lsq", step_init="lsq", **GRANS[gran])
+  # the paper's init: s = 2 mean|v| / sqrt(Q_P) per step
   qn, qp = 2.0**(bits - 1) - (not full), 2.0**(bits - 1) - 1
   n_w = w.size // leaf.step.size
   mean = _per_step_sum(np.abs(np.asarray(w)), leaf.step.shape) / n_w
@@ -310,6 +310,30 @@ def test_int4_lsq_training_beats_rtn():
   assert final < rtn and final < first, (final, rtn, first)
 
 
+def test_default_step_init_is_ptq_and_relative_steps_is_log_space():
+  t = _qat(bits=4, group_size=8)
+  leaf = t["params"]["Dense_0"]["kernel"]
+  ptq = _quantize(PARAMS, 4, group_size=8)["params"]["Dense_0"]["kernel"]
+  np.testing.assert_array_equal(leaf.step, ptq.scale)
+  flo, rest = cj.partition_float(t)
+  opt = optax.chain(optax.adam(0.3), Q.relative_steps())
+  st = opt.init(flo)
+  g = jax.grad(lambda f: _loss(cj.combine(f, rest), _run(PARAMS, X)))(flo)
+  plain, _ = optax.adam(0.3).update(g, optax.adam(0.3).init(flo), flo)
+  upd, _ = opt.update(g, st, flo)
+  k = lambda tree: tree["params"]["Dense_0"]["kernel"]
+  # steps: s exp(u) - s (positive whatever u), the rest: adam's own update
+  np.testing.assert_allclose(
+      k(upd).step, np.asarray(k(flo).step) * np.expm1(np.asarray(
+          k(plain).step, np.float64)), rtol=1e-5)
+  assert np.all(np.asarray(k(flo).step) + np.asarray(k(upd).step) > 0)
+  np.testing.assert_array_equal(k(upd).weight, k(plain).weight)
+  np.testing.assert_array_equal(upd["params"]["Dense_0"]["bias"],
+                                plain["params"]["Dense_0"]["bias"])
+  with pytest.raises(ValueError, match="needs the params"):
+    opt.update(g, st)
+
+
 def test_rules_select_bits_per_path():
   t = Q.qat(4, group_size=8, rules=[(r"params/head/kernel", dict(
       bits=8, group_size=None)), (r"params/Dense_1/.*", None)]).apply(PARAMS)
@@ -376,7 +400,7 @@ def test_nd_kernels_get_steps_per_output_feature():
     ex = Q.export_leaf(leaf)
     assert ex.contract == (0,)
     np.testing.assert_array_equal(ex.codes, ptq.codes)
-  lsq = Q.fake_quant_leaf(w, 4)  # LSQ init, per output feature
+  lsq = Q.fake_quant_leaf(w, 4, step_init="lsq")  # per output feature
   m = np.abs(np.asarray(w)).reshape(32, 32).mean(0)
   np.testing.assert_allclose(np.asarray(lsq.step)[0], 2 * m / np.sqrt(7),
                              rtol=1e-5)
