@@ -202,7 +202,8 @@ def bert_task(c, pre: hub.Pretrained, log: Log) -> dict:
       _lines(etext, c.eval.samples), tok, batch_size=c.eval.batch_size,
       max_length=c.eval.seqlen, name=f"{ename}, first lines")
   embed = jax.jit(lambda t, ids, mask: cj.run(
-      pre.module, t, ids, mask, method="sentence_embedding"))
+      pre.module, t, ids, mask, method="sentence_embedding",
+      allow_unused=True))  # the pooler head is not part of the embedding
   ref = [np.asarray(embed(pre.variables, *b.args())) for b in evals]
 
   def evaluate(tree) -> dict:
