@@ -183,16 +183,21 @@ def figure(name: str, value: float, detail: str = "") -> dict:
 # ---------------------------------------------------------------- timing
 
 
-def timing_part(a, c, log) -> tuple[dict, list]:
+def _model_and_batch(c):
+  """The config's model and one training batch of its data."""
   model = E.build_model(c)
-  seq, bs = c.data.seq_len, c.train.batch_size
   train_data, _ = stdlib_text.load(max_bytes=c.data.max_bytes,
                                    max_val_bytes=c.data.max_val_bytes,
                                    val_files=c.data.val_files)
-  batch = jnp.asarray(next(stdlib_text.train_batches(train_data, seq, bs,
-                                                     seed=c.seed)))
+  batch = jnp.asarray(next(stdlib_text.train_batches(
+      train_data, c.data.seq_len, c.train.batch_size, seed=c.seed)))
+  return model, batch
+
+
+def timing_part(a, c, log) -> tuple[dict, list]:
+  model, batch = _model_and_batch(c)
   init = jax.jit(model.init)
-  variables = init(jax.random.key(c.seed), jnp.zeros((1, seq), jnp.int32))
+  variables = init(jax.random.key(c.seed), jnp.zeros((1, c.data.seq_len), jnp.int32))
   opt = finetune_optimizer(a.lr, 1000)
   P = a.update_every
 
@@ -235,7 +240,7 @@ def timing_part(a, c, log) -> tuple[dict, list]:
 
   # 3. distillation: teacher and student of the default config; the teacher
   # is an argument (not a jit constant) as it is to the teacher forward
-  student = init(jax.random.key(c.seed + 1), jnp.zeros((1, seq), jnp.int32))
+  student = init(jax.random.key(c.seed + 1), jnp.zeros((1, c.data.seq_len), jnp.int32))
   teacher_fwd = jax.jit(lambda v, x: model.apply(v, x))
 
   @jax.jit
@@ -311,15 +316,9 @@ HEAD_8 = [(r"params/head/kernel", dict(bits=8, format=None, group_size=None,
 
 
 def adapters_part(a, c, log) -> tuple[dict, list]:
-  model = E.build_model(c)
-  seq, bs = c.data.seq_len, c.train.batch_size
-  train_data, _ = stdlib_text.load(max_bytes=c.data.max_bytes,
-                                   max_val_bytes=c.data.max_val_bytes,
-                                   val_files=c.data.val_files)
-  batch = jnp.asarray(next(stdlib_text.train_batches(train_data, seq, bs,
-                                                     seed=c.seed)))
+  model, batch = _model_and_batch(c)
   variables = jax.jit(model.init)(jax.random.key(c.seed),
-                                  jnp.zeros((1, seq), jnp.int32))
+                                  jnp.zeros((1, c.data.seq_len), jnp.int32))
   opt = finetune_optimizer(a.lr, 1000)
 
   def full_step(p, s, b):
