@@ -83,7 +83,10 @@ def _expand(s, rows: int):
   return jnp.repeat(s, rows // s.shape[0], axis=0) if s.shape[0] > 1 else s
 
 
-def _values(stored, offset: int, lut):
+def _values(stored, offset: int, lut, float8=None):
+  if float8 is not None:  # the bytes are float8 bit patterns: a cast, no gather
+    return jax.lax.bitcast_convert_type(
+        stored.astype(jnp.uint8), jnp.dtype(float8)).astype(jnp.float32)
   if lut is not None:
     return lut[stored.astype(jnp.int32)]
   return stored.astype(jnp.float32) + offset
@@ -96,9 +99,10 @@ def _values(stored, offset: int, lut):
 DENSE_TILE_BYTES = 1 << 20
 
 
-def _whole_tile(x, codes, scale, zero, *, bits, k, offset, lut, out_dtype):
+def _whole_tile(x, codes, scale, zero, *, bits, k, offset, lut, float8,
+                out_dtype):
   """One (K, N) dequantized tile, then one dot (reference.py's definition)."""
-  w = _values(layout.unpack(codes, bits, k, 0), offset, lut)
+  w = _values(layout.unpack(codes, bits, k, 0), offset, lut, float8)
   if zero is not None:
     w = w - _expand(zero.astype(jnp.float32), k)
   w = w * _expand(scale.astype(jnp.float32), k)
@@ -108,11 +112,16 @@ def _whole_tile(x, codes, scale, zero, *, bits, k, offset, lut, out_dtype):
 
 def quantized_matmul(x, codes, scale, zero=None, *, bits: int, k: int,
                      offset: int = 0, lut=None, out_dtype=None,
-                     block: int | None = None):
+                     block: int | None = None, float8: str | None = None):
   """y = sum_g (x_g @ (value(codes_g) - zero_g)) * scale_g, scanned over
   blocks of K: reference.py's definition, where value(c) = c + offset, or
-  lut[c] when a lookup table of 2**bits float values is given (fp8/fp6/fp4
-  bit patterns, NF4 and other level sets)."""
+  lut[c] when a lookup table of 2**bits float values is given (fp6/fp4 bit
+  patterns, NF4 and other level sets), or the float8 value of the byte's bit
+  pattern when `float8` names an XLA float8 dtype (8-bit codes only)."""
+  if float8 is not None:
+    if bits != 8:
+      raise ValueError(f"float8 codes are bytes, got bits={bits}")
+    lut = None
   out_dtype = out_dtype or x.dtype
   n = codes.shape[-1]
   g = scale.shape[0]
@@ -123,13 +132,15 @@ def quantized_matmul(x, codes, scale, zero=None, *, bits: int, k: int,
     lut = jnp.asarray(lut, jnp.float32)
   if block is None and k * n * 4 <= DENSE_TILE_BYTES:
     return _whole_tile(x, codes, scale, zero, bits=bits, k=k, offset=offset,
-                       lut=lut, out_dtype=out_dtype)
+                       lut=lut, float8=float8, out_dtype=out_dtype)
   unit = _rows_per_byte_unit(bits)
   # odd groups: a nibble pair (one byte) would straddle two groups
   nibbles = bits == 4 and group % 2 == 0
   if block is None:
     chosen = choose_block(k, group, unit)
     if chosen is None:
+      if float8 is not None:
+        lut = _values(jnp.arange(256), 0, None, float8)
       return reference.quantized_matmul(x, codes, scale, zero, bits=bits, k=k,
                                         offset=offset, lut=lut,
                                         out_dtype=out_dtype)
@@ -155,7 +166,7 @@ def quantized_matmul(x, codes, scale, zero=None, *, bits: int, k: int,
     def tile(cblk, rows_lo):
       # rows_lo: low nibble -> even rows, else odd rows
       q = (cblk & 15) if rows_lo else (cblk >> 4)
-      return _values(q, offset, lut)
+      return _values(q, offset, lut, float8)
 
     def body(acc, a):
       cblk, s, z, e, o = a
@@ -177,7 +188,7 @@ def quantized_matmul(x, codes, scale, zero=None, *, bits: int, k: int,
 
     def body(acc, a):
       cblk, s, z, xblk = a
-      q = _values(layout.unpack(cblk, bits, block, 0), offset, lut)
+      q = _values(layout.unpack(cblk, bits, block, 0), offset, lut, float8)
       if z is not None:
         q = q - _expand(z, block)
       acc = acc + jnp.dot(xblk, q * _expand(s, block))

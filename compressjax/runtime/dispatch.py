@@ -169,6 +169,10 @@ def _qarray_dot(x, leaf: QArray, dims, out_dtype):
   else:
     args = (xm, leaf.codes, scale, leaf.zero)
     lut, offset = None, dec.offset
+    if impl == "xla" and dec.float8 is not None:  # cast the bytes, no table
+      y = xla_matmul.quantized_matmul(*args, bits=leaf.fmt.bits, k=lay.k,
+                                      float8=dec.float8, out_dtype=out_dtype)
+      return y.reshape(lead + lay.out_shape)
     if offset is None:  # a value per code (float8 off Pallas: decoded)
       lut = (jnp.asarray(dec.table, jnp.float32) if dec.table is not None
              else leaf.fmt.decode(jnp.arange(2**leaf.fmt.bits)))

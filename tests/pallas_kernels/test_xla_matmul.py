@@ -112,3 +112,23 @@ def test_int8_matmul_is_int32_exact(k):
   np.testing.assert_array_equal(
       xla_matmul.int8_matmul(xq, xs, wq, ws),
       reference.int8_matmul(xq, xs, wq, ws))
+
+
+@pytest.mark.parametrize("limit", [0, 2**40], ids=["scanned", "whole_tile"])
+@pytest.mark.parametrize("dtype", ["float8_e4m3fn", "float8_e5m2"])
+def test_float8_bytes_equal_their_value_table(limit, dtype):
+  """`float8=`: the bytes cast to their float8 values equal the reference
+  with the 256-entry table of those values (finite codes)."""
+  rng = np.random.default_rng(1)
+  vals = rng.normal(size=(64, 24)).astype(np.float32)
+  codes = jax.lax.bitcast_convert_type(jnp.asarray(vals).astype(dtype),
+                                       jnp.uint8)
+  table = jax.lax.bitcast_convert_type(jnp.arange(256, dtype=jnp.uint8),
+                                       jnp.dtype(dtype)).astype(jnp.float32)
+  scale = jnp.asarray(rng.uniform(0.5, 2, (4, 24)), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(5, 64)), jnp.float32)
+  with whole_tile_limit(limit):
+    y = xla_matmul.quantized_matmul(x, codes, scale, bits=8, k=64,
+                                    float8=dtype)
+  want = reference.quantized_matmul(x, codes, scale, bits=8, k=64, lut=table)
+  harness.assert_close(y, want, jnp.float32)
