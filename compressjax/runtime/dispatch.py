@@ -169,13 +169,12 @@ def _qarray_dot(x, leaf: QArray, dims, out_dtype):
   else:
     args = (xm, leaf.codes, scale, leaf.zero)
     lut, offset = None, dec.offset
-    if impl == "xla" and dec.float8 is not None:  # cast the bytes, no table
-      y = xla_matmul.quantized_matmul(*args, bits=leaf.fmt.bits, k=lay.k,
-                                      float8=dec.float8, out_dtype=out_dtype)
-      return y.reshape(lead + lay.out_shape)
-    if offset is None:  # a value per code (float8 off Pallas: decoded)
-      lut = (jnp.asarray(dec.table, jnp.float32) if dec.table is not None
-             else leaf.fmt.decode(jnp.arange(2**leaf.fmt.bits)))
+    # float8 on the XLA path: the bytes are cast to their values, no table
+    float8 = dec.float8 if impl == "xla" else None
+    if offset is None:  # a value per code
+      if float8 is None:
+        lut = (jnp.asarray(dec.table, jnp.float32) if dec.table is not None
+               else leaf.fmt.decode(jnp.arange(2**leaf.fmt.bits)))
       offset = 0
     kw = dict(bits=leaf.fmt.bits, k=lay.k, offset=offset, out_dtype=out_dtype)
     if impl == "pallas_int":
@@ -183,7 +182,7 @@ def _qarray_dot(x, leaf: QArray, dims, out_dtype):
     elif impl == "reference":
       y = reference.quantized_matmul(*args, lut=lut, **kw)
     else:
-      y = xla_matmul.quantized_matmul(*args, lut=lut, **kw)
+      y = xla_matmul.quantized_matmul(*args, lut=lut, float8=float8, **kw)
   return y.reshape(lead + lay.out_shape)
 
 
