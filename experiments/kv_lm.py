@@ -35,6 +35,7 @@ cache-specific ones) and results.png (quality vs cache size per policy).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -251,11 +252,18 @@ def stream_nll(model, variables, tokens: np.ndarray, spec: Any,
   """Teacher-forced next-token losses (B, N - 1) of tokens (B, N), fed one
   token at a time through a cache made by `spec` for `capacity` tokens of
   context (a lax.scan: each token attends only to what the cache kept)."""
-  b = tokens.shape[0]
+  return np.asarray(_stream_scan(model, spec, capacity)(
+      variables, jnp.asarray(tokens, jnp.int32)))
+
+
+@functools.lru_cache(maxsize=None)
+def _stream_scan(model, spec: Any, capacity: int):
+  """The jitted scan of `stream_nll`, one per (model, spec, capacity), so
+  every batch of a row reuses its compilation."""
 
   @jax.jit
-  def run(variables, tokens):
-    cache = model.init_cache(b, capacity, store=spec)
+  def scan(variables, tokens):
+    cache = model.init_cache(tokens.shape[0], capacity, store=spec)
 
     def step(cache, x):
       tok, nxt = x
@@ -265,7 +273,7 @@ def stream_nll(model, variables, tokens: np.ndarray, spec: Any,
     _, nll = jax.lax.scan(step, cache, (tokens[:, :-1].T, tokens[:, 1:].T))
     return nll.T
 
-  return np.asarray(run(variables, jnp.asarray(tokens, jnp.int32)))
+  return scan
 
 
 def needle_prompts(c: Config, filler: np.ndarray, context: int
@@ -416,7 +424,7 @@ def cache_memory(model, spec: Any, context: int) -> dict:
   shaped = jax.eval_shape(lambda: model.init_cache(1, context, store=spec))
   dense = jax.eval_shape(lambda: model.init_cache(1, context,
                                                   store=kv.KVSpec()))
-  total = sum(s.nbytes for s in shaped)
+  total = kv.memory(shaped)["bytes"]
   entries = sum(s.entry_nbytes() for s in shaped)
   ref = sum(s.entry_nbytes() for s in dense)
   s0 = shaped[0]

@@ -144,9 +144,9 @@ def _programs(lm: CausalLM, batch: int, bucket: int, new: int,
 
   if lm.has_cache:
     def prefill(tree, ids, mask, key):
-      cache = (module.init_cache(batch, bucket + new, dtype)
-               if kv_store is None else
-               module.init_cache(batch, bucket + new, dtype, store=kv_store))
+      cache = module.init_cache(batch, bucket + new, dtype,
+                                **({} if kv_store is None else
+                                   dict(store=kv_store)))
       logits, cache = run(module, tree, ids, attention_mask=mask, cache=cache)
       key, sub = jax.random.split(key)
       return choose(sub, logits[:, -1], sampling), cache, key

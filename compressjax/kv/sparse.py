@@ -97,7 +97,7 @@ def _decode(q, parts, positions, *, scale, window, policy_window, sinks):
 
 
 def store_attention(before, store, q, positions, *, scale, window):
-  """Store without a policy (slot = position): out, or None."""
+  """Store without a policy (slot = position): the attention output."""
   t = q.shape[1]
   keys, values, kpos = store.read_heads()
   if before.fresh and t > 1:

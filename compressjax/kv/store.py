@@ -436,10 +436,8 @@ class KVCache:
       store = self._append_positional(kh, vh, positions)
       if spec.attention == "pallas":
         from compressjax.kv import sparse
-        out = sparse.store_attention(self, store, q, positions, scale=scale,
-                                     window=window)
-        if out is not None:
-          return out, store
+        return sparse.store_attention(self, store, q, positions,
+                                      scale=scale, window=window), store
       keys, values, kpos = store.read_heads()
       out, _ = attend_parts(q, [(keys, values, kpos)], positions,
                             scale=scale, window=window)
