@@ -51,16 +51,14 @@ import time
 from typing import Any, Callable, Sequence
 
 from absl import app
-from absl import flags
-from absl import logging
 import jax
 import numpy as np
-from ml_collections import config_flags
 
 import compressjax as cj
 from compressjax import allocate as A
 from compressjax.calibrate import capture
 from compressjax.core.tree import leaves_with_paths, materialize_tree
+from experiments import harness
 
 T = cj.transforms
 Log = Callable[[str], None]
@@ -586,7 +584,6 @@ def _measure(sw: Sweep, point: Point, tree) -> dict:
   from compressjax.core.base import array_nbytes
   nbytes = sum(array_nbytes(leaves[p]) for p in point.layers)
   nw = sum(math.prod(leaves[p].shape) for p in point.layers)
-  from experiments import harness
   m = harness.measure(sw.task.baseline, tree)
   return dict(layer_bytes=int(nbytes),
               bits_per_weight=8.0 * nbytes / max(nw, 1),
@@ -798,42 +795,23 @@ def write_hparams(logdir: str, out: dict) -> None:
       w.add_hparams(hp, {"hparam/" + out["metric"]: float(r["value"]),
                          "hparam/bits_per_weight": float(r["bits_per_weight"]),
                          "hparam/size_kib": r["size_bytes"] / 1024},
-                    name=f"{i:03d}_{r['family']}_{_safe(r['method'])}_"
+                    name=f"{i:03d}_{r['family']}_{harness.safe_name(r['method'])}_"
                     f"{r['target']:g}")
   finally:
     w.close()
-
-
-def _safe(s: str) -> str:
-  return re.sub(r"[^A-Za-z0-9_.+-]", "_", s)
 
 
 # ---------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------
 
-def define_flags() -> None:
-  config_flags.DEFINE_config_file(
-      "config", _DEFAULT_CONFIG, "Sweep config file (configs/sweep.py).")
-  flags.DEFINE_string("workdir", "runs/sweep", "Directory for the cached "
-                      "baseline, points, tables and reports.")
-
-
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError("Too many command-line arguments.")
-  f = flags.FLAGS
-  if not f["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
-  jax.config.update("jax_compilation_cache_dir",
-                    os.path.join(os.path.abspath(f.workdir), "jax_cache"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  run_sweep(f.config, f.workdir)
-  with open(os.path.join(f.workdir, "sweep.md")) as fh:
+  config, workdir = harness.setup_main(argv)  # pinned XLA flags, jax cache
+  run_sweep(config, workdir)
+  with open(os.path.join(workdir, "sweep.md")) as fh:
     print(fh.read())
 
 
 if __name__ == "__main__":
-  define_flags()
+  harness.define_flags(_DEFAULT_CONFIG, "runs/sweep")
   app.run(main)

@@ -31,7 +31,8 @@ import numpy as np
 
 from compressjax.core.base import array_nbytes, materialize
 from compressjax.core.errors import CompressionError
-from compressjax.core.rules import Predicate, RuleLike, default_filter, resolve
+from compressjax.core.rules import (Predicate, Rule, RuleLike, default_filter,
+                                    resolve)
 from compressjax.core.transform import Transform, chain
 from compressjax.core.tree import leaves_with_paths
 
@@ -45,6 +46,18 @@ class Stage:
 
   build: Builder
   config: Mapping[str, Any]
+
+
+# Last rule of every plan: params the plan does not name stay as they are
+# (transforms whose default would otherwise pick them: gptq, wanda, ...).
+SKIP_REST = Rule(".*", skip=True)
+
+
+def exact_rules(configs: Mapping[str, Mapping[str, Any]]) -> list[Rule]:
+  """One rule per path (matching exactly that path) with its config, then
+  SKIP_REST: what every per-layer plan hands a transform."""
+  return [Rule(re.escape(p), dict(c)) for p, c in configs.items()] + [
+      SKIP_REST]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

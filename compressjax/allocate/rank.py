@@ -14,14 +14,13 @@ baselines); by sensitivity, rank candidates go through the solver instead
 
 from __future__ import annotations
 
-import re
 from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from compressjax.allocate.candidates import selected_layers
+from compressjax.allocate.candidates import exact_rules, selected_layers
 from compressjax.core.errors import CompressionError
 from compressjax.core.rules import Predicate, Rule, RuleLike, default_filter
 from compressjax.lowrank.svd import matrix_shape
@@ -109,9 +108,8 @@ def energy_ranks(params: Any, *, budget: int | None = None,
 def rank_rules(ranks: Mapping[str, int], **config) -> list[Rule]:
   """Exact-path rules {path: rank} (plus `config`), then skip the rest:
   T.low_rank(rules=...), T.svd_llm(stats, rules=...)."""
-  return [Rule(re.escape(p), {**config, "rank": int(r), "rank_ratio": None,
-                              "energy": None})
-          for p, r in ranks.items()] + [Rule(".*", skip=True)]
+  return exact_rules({p: {**config, "rank": int(r), "rank_ratio": None,
+                          "energy": None} for p, r in ranks.items()})
 
 
 def factor_params(params: Any, ranks: Mapping[str, int]) -> int:

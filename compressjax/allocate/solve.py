@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import warnings
 from typing import Any
 
 import numpy as np
 
-from compressjax.allocate.candidates import Builder, Candidate, Table, builder_name
+from compressjax.allocate.candidates import (SKIP_REST, Builder, Candidate,
+                                             Table, builder_name, exact_rules)
 from compressjax.core.base import array_nbytes
 from compressjax.core.errors import CompressionError
 from compressjax.core.rules import Rule
@@ -42,9 +42,6 @@ from compressjax.core.transform import Transform, chain
 from compressjax.core.tree import leaves_with_paths
 
 SOLVERS = ("milp", "dp", "greedy")
-# Last rule of every plan: params the plan does not name stay as they are
-# (transforms whose default would otherwise pick them: gptq, wanda, ...).
-SKIP_REST = Rule(".*", skip=True)
 
 
 # ----------------------------------------------------------------------------
@@ -331,12 +328,8 @@ class Allocation:
   def rules_for(self, build: Builder) -> list[Rule]:
     """Exact-path rules (path -> this layer's config) for one transform
     builder, then a rule skipping every other param."""
-    out = []
-    for path, c in self.chosen.items():
-      for s in c.stages:
-        if s.build is build:
-          out.append(Rule(re.escape(path), dict(s.config)))
-    return out + [SKIP_REST]
+    return exact_rules({path: s.config for path, c in self.chosen.items()
+                        for s in c.stages if s.build is build})
 
   @property
   def rules(self) -> list[Rule]:

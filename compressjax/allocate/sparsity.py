@@ -23,14 +23,13 @@ rules for any sparsity transform (T.sparsify, T.wanda, T.sparsegpt).
 from __future__ import annotations
 
 import math
-import re
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from compressjax.core.errors import CompressionError
 from compressjax.core.rules import Predicate, Rule, RuleLike, default_filter
-from compressjax.allocate.candidates import selected_layers
+from compressjax.allocate.candidates import exact_rules, selected_layers
 from compressjax.sparsity.wanda import wanda_scores
 
 
@@ -146,12 +145,11 @@ def owl_sparsities(params: Any, stats: Mapping[str, Any], sparsity: float, *,
 def sparsity_rules(sparsities: Mapping[str, float], **config) -> list[Rule]:
   """Exact-path rules {path: sparsity} (plus `config` for every layer), then
   a rule skipping every other param: T.wanda(stats, rules=...)."""
-  out = []
   for p, s in sparsities.items():
     if not 0.0 <= s < 1.0:
       raise CompressionError(f"sparsity {s} outside [0, 1)", p)
-    out.append(Rule(re.escape(p), {**config, "sparsity": float(s)}))
-  return out + [Rule(".*", skip=True)]
+  return exact_rules({p: {**config, "sparsity": float(s)}
+                      for p, s in sparsities.items()})
 
 
 def weighted_sparsity(params: Any, sparsities: Mapping[str, float]) -> float:
