@@ -43,7 +43,8 @@ def _is_var(v) -> bool:
   return not isinstance(v, jcore.Literal)
 
 
-def _under(path: str, prefix: str) -> bool:
+def under(path: str, prefix: str) -> bool:
+  """`path` is `prefix` or a param inside it."""
   return path == prefix or path.startswith(prefix.rstrip("/") + "/")
 
 
@@ -138,7 +139,7 @@ class Program:
     stage_of = {}
     for i, (prefix, _) in enumerate(self.stages):
       for p in self.paths:
-        if _under(p, prefix):
+        if under(p, prefix):
           stage_of.setdefault(p, i)
     first = [None] * len(self.stages)
     for e, got in enumerate(reads):

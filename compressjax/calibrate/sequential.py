@@ -39,7 +39,7 @@ import numpy as np
 from compressjax.calibrate.capture import (Accumulator, Batch, LayerStats,
                                            Stats, batch_list, capture,
                                            describe, takes_mask)
-from compressjax.calibrate.program import Program
+from compressjax.calibrate.program import Program, under
 from compressjax.core.errors import CompressionError
 from compressjax.core.rules import Predicate, RuleLike, default_filter, resolve
 from compressjax.core.tree import leaves_with_paths
@@ -97,7 +97,7 @@ def stages_of(order: Sequence[str],
 
     def key(path):
       for p in prefixes:
-        if path == p or path.startswith(p.rstrip("/") + "/"):
+        if under(path, p):
           return p.rstrip("/")
       raise CompressionError(f"param is under none of the stage prefixes "
                              f"{list(stages)}; add one", path)
