@@ -36,16 +36,14 @@ import argparse
 import functools
 import json
 import os
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import layout, reference, xla_matmul
-from timing import median_time as _median_time
+from timing import interleaved_medians, median_time as _median_time
 
 # two warm-up calls: compile, then one more so caches are warm
 median_time = functools.partial(_median_time, warmup=2)
@@ -197,19 +195,8 @@ LM_FORMATS = {  # name -> cj.quantize options
 }
 
 
-def interleaved_medians(fns: dict, args: dict, repeats: int) -> dict:
-  """Median seconds of each fns[name](*args[name]), one call of each per
-  round (after two warm-up rounds), so they share the machine's drift."""
-  for _ in range(2):
-    for n, f in fns.items():
-      jax.block_until_ready(f(*args[n]))
-  ts = {n: [] for n in fns}
-  for _ in range(repeats):
-    for n, f in fns.items():
-      t0 = time.perf_counter()
-      jax.block_until_ready(f(*args[n]))
-      ts[n].append(time.perf_counter() - t0)
-  return {n: statistics.median(v) for n, v in ts.items()}
+def _thunks(fns: dict, args: dict) -> dict:
+  return {n: functools.partial(f, *args[n]) for n, f in fns.items()}
 
 
 def bench_lm(a, rows):
@@ -244,7 +231,7 @@ def bench_lm(a, rows):
     finally:
       xla_matmul.DENSE_TILE_BYTES = saved
     args[name + "/scan"] = args[name]
-  t = interleaved_medians(fwd, args, a.repeats)
+  t = interleaved_medians(_thunks(fwd, args), repeats=a.repeats)
   print(f"default LM forward, batch {a.lm_batch} x seq {seq} (cj.run vs "
         f"float jit, medians of {a.repeats} interleaved):")
   print(f"  float {t['float'] * 1e3:8.3f} ms")
@@ -272,7 +259,7 @@ def bench_lm(a, rows):
         continue
       fns[name] = jax.jit(functools.partial(cj.run, mm))
       fargs[name] = (q, x)
-    t = interleaved_medians(fns, fargs, a.repeats)
+    t = interleaved_medians(_thunks(fns, fargs), repeats=a.repeats)
     line = ", ".join(f"{nm} {t[nm] / t['float']:4.2f}" for nm in t
                      if nm != "float")
     print(f"  ({k:4d}, {n:4d}) float {t['float'] * 1e3:7.3f} ms; ratios "

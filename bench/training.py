@@ -89,7 +89,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import time
 
 import jax
@@ -106,6 +105,7 @@ from compressjax.train import (adapters, distill, loop, qat, reconstruct,
                                sparse)
 from configs import default as default_config
 from experiments import harness
+from timing import interleaved_medians
 from experiments import lm_task as E
 from experiments import recipes, rows
 
@@ -156,20 +156,6 @@ def make_step(loss_fn, opt):
     return optax.apply_updates(p, u), s, loss
 
   return step
-
-
-def interleaved_medians(fns: dict, warmup: int, repeats: int) -> dict:
-  """Median seconds per call of each thunk; rounds time every thunk once."""
-  for f in fns.values():
-    for _ in range(warmup):
-      jax.block_until_ready(f())  # the first call compiles
-  ts = {k: [] for k in fns}
-  for _ in range(repeats):
-    for k, f in fns.items():
-      t0 = time.perf_counter()
-      jax.block_until_ready(f())
-      ts[k].append(time.perf_counter() - t0)
-  return {k: statistics.median(v) for k, v in ts.items()}
 
 
 def figure(name: str, value: float, detail: str = "") -> dict:
@@ -270,7 +256,7 @@ def timing_part(a, c, log) -> tuple[dict, list]:
   }
   log(f"timing {len(fns)} steps: {a.warmup} warm-up calls each, then "
       f"{a.repeats} interleaved rounds")
-  t = interleaved_medians(fns, a.warmup, a.repeats)
+  t = interleaved_medians(fns, warmup=a.warmup, repeats=a.repeats)
   amort = lambda reg, upd: (reg * (P - 1) + upd) / P
   rigl = amort(t["rigl_regular"], t["rigl_update"])
   set_ = amort(t["set_regular"], t["set_update"])
@@ -352,7 +338,7 @@ def adapters_part(a, c, log) -> tuple[dict, list]:
   fns = {k: (lambda k=k: jitted[k](*runs[k][1])) for k in runs}
   log(f"timing {len(fns)} steps: {a.warmup} warm-up calls each, then "
       f"{a.repeats} interleaved rounds")
-  t = interleaved_medians(fns, a.warmup, a.repeats)
+  t = interleaved_medians(fns, warmup=a.warmup, repeats=a.repeats)
   log(f"{'step':18s} {'ms':>9s} {'peak MiB':>9s} {'trained KiB':>12s}")
   for k in runs:
     log(f"{k:18s} {t[k] * 1e3:9.2f} {peak[k] / 2**20:9.2f} "
