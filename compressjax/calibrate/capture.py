@@ -52,6 +52,7 @@ from compressjax.core.errors import CompressionError
 from compressjax.core.rules import (Predicate, RulesLike, default_filter,
                                     resolve)
 from compressjax.core.tree import leaves_with_paths
+from compressjax.runtime.dispatch import matrix_operand
 from compressjax.runtime.interpret import apply, as_function
 
 
@@ -130,11 +131,8 @@ def _contraction(x, dims, path):
         f"calibration: this param is an operand of a batched matmul "
         f"(dimension numbers {dims}), so its inputs have no single 2-D "
         "view; skip it with a rule", path)
-  pairs = sorted(zip(rc, lc))
-  xl = [l for _, l in pairs]
-  lead = [a for a in range(x.ndim) if a not in xl]
-  xm = jnp.transpose(x, lead + xl)
-  return xm.reshape(xm.shape[:len(lead)] + (-1,)), tuple(r for r, _ in pairs)
+  contract = tuple(sorted(rc))
+  return matrix_operand(x, contract, dims)[0], contract
 
 
 def _patches(x, p, kernel_shape, path):
