@@ -56,7 +56,6 @@ import numpy as np
 
 import compressjax as cj
 from compressjax import allocate as A
-from compressjax.calibrate import capture
 from compressjax.core.tree import leaves_with_paths, materialize_tree
 from experiments import harness
 
