@@ -50,7 +50,6 @@ import ml_collections
 import numpy as np
 import optax
 
-import compressjax as cj
 from compressjax import kv
 from compressjax.data import stdlib_text
 from compressjax.models import llama, transformer
@@ -170,13 +169,7 @@ def train_llama(c: Config, model, train_data: np.ndarray, log: Log):
   variables = jax.jit(model.init)(jax.random.key(c.seed),
                                   jnp.zeros((1, m.seq_len), jnp.int32))
   params = variables["params"]
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0, m.learning_rate, m.warmup, max(m.steps, m.warmup + 1),
-      m.learning_rate * m.end_lr_fraction)
-  opt = optax.chain(
-      optax.clip_by_global_norm(m.grad_clip),
-      optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=m.weight_decay,
-                  mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)))
+  opt = lm_task.optimizer(m)
   state = opt.init(params)
 
   @jax.jit
@@ -227,20 +220,11 @@ def get_llama(c: Config, workdir: str, train_data: np.ndarray, digest: str,
   """(model, variables, stats, cached): restored from the workdir's cache or
   trained and cached."""
   model = llama.LlamaForCausalLM(llama_config(c))
-  d = os.path.join(workdir, "baseline_kv", llama_key(c, digest))
-  meta = os.path.join(d, "meta.json")
-  if os.path.exists(meta):
-    variables = jax.tree.map(jnp.asarray, cj.restore(os.path.join(d,
-                                                                  "params")))
-    with open(meta) as f:
-      stats = json.load(f)
-    log(f"reusing the cached Llama {d}")
-    return model, variables, stats, True
-  variables, stats = train_llama(c, model, train_data, log)
-  cj.save(os.path.join(d, "params"), variables, force=True)
-  with open(meta, "w") as f:
-    json.dump(stats, f, indent=2)
-  return model, variables, stats, False
+  template = jax.eval_shape(model.init, jax.random.key(0),
+                            jnp.zeros((1, c.llama.seq_len), jnp.int32))
+  return (model, *lm_task.cached_training(
+      os.path.join(workdir, "baseline_kv", llama_key(c, digest)), template,
+      lambda: train_llama(c, model, train_data, log), log, "Llama"))
 
 
 # ---------------------------------------------------------------------------

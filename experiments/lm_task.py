@@ -73,7 +73,13 @@ def baseline_key(c: Config, data_digest: str) -> str:
 
 
 def make_optimizer(c: Config) -> optax.GradientTransformation:
-  t = c.train
+  return optimizer(c.train)
+
+
+def optimizer(t: Any) -> optax.GradientTransformation:
+  """AdamW with warmup + cosine decay and clipping, from a training section
+  (learning_rate, warmup, steps, end_lr_fraction, grad_clip, weight_decay):
+  the byte LM's `train`, kv_lm's `llama`."""
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=t.learning_rate,
       warmup_steps=t.warmup, decay_steps=max(t.steps, t.warmup + 1),
@@ -154,20 +160,30 @@ def get_baseline(c: Config, model, train_data: np.ndarray, key: str,
 
   Returns (variables, stats, cached).
   """
-  cache_dir = os.path.join(workdir, "baseline", key)
-  meta_path = os.path.join(cache_dir, "meta.json")
   template = jax.eval_shape(model.init, jax.random.key(0),
                             jnp.zeros((1, c.data.seq_len), jnp.int32))
+  return cached_training(os.path.join(workdir, "baseline", key), template,
+                         lambda: train_baseline(c, model, train_data, log),
+                         log, "float baseline")
+
+
+def cached_training(cache_dir: str, template: Any,
+                    train: Callable[[], tuple[Any, dict]],
+                    log: Callable[[str], None] = print, what: str = "model"
+                    ) -> tuple[Any, dict, bool]:
+  """(variables, stats, cached): restored from `cache_dir` when a complete
+  entry there has `template`'s structure, else `train()`ed and saved."""
+  meta_path = os.path.join(cache_dir, "meta.json")
   if os.path.exists(meta_path):  # written last: marks a complete cache entry
     variables = jax.tree.map(jnp.asarray,
                              cj.restore(os.path.join(cache_dir, "params")))
     if _same_structure(variables, template):
       with open(meta_path) as f:
         stats = json.load(f)
-      log(f"reusing cached float baseline {cache_dir}")
+      log(f"reusing cached {what} {cache_dir}")
       return variables, stats, True
-    log(f"cached baseline {cache_dir} does not match the model; retraining")
-  variables, stats = train_baseline(c, model, train_data, log)
+    log(f"cached {what} {cache_dir} does not match the model; retraining")
+  variables, stats = train()
   cj.save(os.path.join(cache_dir, "params"), variables, force=True)
   with open(meta_path, "w") as f:
     json.dump(stats, f, indent=2)

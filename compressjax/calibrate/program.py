@@ -48,6 +48,12 @@ def under(path: str, prefix: str) -> bool:
   return path == prefix or path.startswith(prefix.rstrip("/") + "/")
 
 
+def param_leaves(params: Any) -> list:
+  """The flat list of params (compressed leaves whole) that `Program`'s
+  methods take: flatten a tree once and run every batch's program on it."""
+  return jax.tree.leaves(params, is_leaf=is_compressed)
+
+
 _FNS: dict[Any, Callable] = {}  # compiled segment functions, by structure
 _MAX_FNS = 256
 
@@ -210,28 +216,28 @@ class Program:
       text.append(str(seg))  # printed once: the key of its compiled code
     return seg, pidx, cidx, text[0]
 
-  def start(self, params: Any, args: tuple, kwargs: Mapping) -> list:
-    """The values at the first stage's cut, for one batch."""
+  def start(self, leaves: Sequence, args: tuple, kwargs: Mapping) -> list:
+    """The values at the first stage's cut, for one batch; `leaves`: the
+    params' `param_leaves`."""
     arg_leaves = jax.tree.leaves((tuple(args), dict(kwargs)))
     inputs = dict(zip(self.jaxpr.invars[self.n_params:],
                       [arg_leaves[i] for i in self.dyn]))
     live = [inputs[v] for v in self.live[0]]
-    return self.advance(-1, params, live)
+    return self.advance(-1, leaves, live)
 
-  def advance(self, stage: int, params: Any, live: list) -> list:
+  def advance(self, stage: int, leaves: Sequence, live: list) -> list:
     """Runs stage `stage`'s segment (-1: the part before the first stage)
-    on the current params: the values at the next cut."""
+    on the current params (`param_leaves`): the values at the next cut."""
     seg, pidx, cidx, text = self._segment(stage + 1)
-    leaves = jax.tree.leaves(params, is_leaf=is_compressed)
     fn = _segment_fn("advance", seg, text, (), ())
     return fn([leaves[j] for j in pidx], list(live),
               [self.consts[j] for j in cidx])
 
-  def observe(self, stage: int, params: Any, live: list, weights,
+  def observe(self, stage: int, leaves: Sequence, live: list, weights,
               shapes: Mapping[str, tuple]) -> dict:
-    """Statistics of stage `stage`'s observed params on one batch."""
+    """Statistics of stage `stage`'s observed params (`param_leaves`) on
+    one batch."""
     seg, pidx, cidx, text = self._segment(stage + 1)
-    leaves = jax.tree.leaves(params, is_leaf=is_compressed)
     want = set(self.stages[stage][1])
     pos = tuple(k for k, j in enumerate(pidx) if self.paths[j] in want)
     fn = _segment_fn("observe", seg, text, pos,

@@ -39,7 +39,7 @@ import numpy as np
 from compressjax.calibrate.capture import (Accumulator, Batch, LayerStats,
                                            Stats, batch_list, capture,
                                            describe, takes_mask)
-from compressjax.calibrate.program import Program, under
+from compressjax.calibrate.program import Program, param_leaves, under
 from compressjax.core.errors import CompressionError
 from compressjax.core.rules import Predicate, RuleLike, default_filter, resolve
 from compressjax.core.tree import leaves_with_paths
@@ -176,7 +176,8 @@ def _signature(b: Batch):
 
 
 class _Cached:
-  """Stage inputs cached per batch: one `Program` per batch signature."""
+  """Stage inputs cached per batch: one `Program` per batch signature. The
+  methods take the tree's `param_leaves`, flattened once for all batches."""
 
   def __init__(self, fn, tree, blist, groups, observed_all):
     self.blist = blist
@@ -193,20 +194,20 @@ class _Cached:
     self.why = "; ".join(sorted(whys)) if whys else None
     self.live = None
 
-  def start(self, tree):
-    self.live = [p.start(tree, b.args, b.kwargs)
+  def start(self, leaves):
+    self.live = [p.start(leaves, b.args, b.kwargs)
                  for p, b in zip(self.of_batch, self.blist)]
 
-  def stats(self, i, tree, shapes, want) -> dict[str, LayerStats]:
+  def stats(self, i, leaves, shapes, want) -> dict[str, LayerStats]:
     acc = Accumulator()
     for k, (p, b, live) in enumerate(zip(self.of_batch, self.blist,
                                          self.live)):
       w = None if b.weights is None else jnp.asarray(b.weights)
-      acc.add(k, p.observe(i, tree, live, w, shapes))
+      acc.add(k, p.observe(i, leaves, live, w, shapes))
     return acc.result(want)
 
-  def advance(self, i, tree):
-    self.live = [p.advance(i, tree, live)
+  def advance(self, i, leaves):
+    self.live = [p.advance(i, leaves, live)
                  for p, live in zip(self.of_batch, self.live)]
 
 
@@ -240,6 +241,7 @@ def sequential(model: Any, params: Any, batches: Iterable[Any], build: Build,
   shapes = {p: tuple(x.shape) for p, x in leaves_with_paths(params)
             if p in plan.configs}
   tree = params
+  leaves = None  # the current tree flattened (once per stage)
   cache = None
   if cache_inputs:
     cache = _Cached(as_function(model, params, method), tree, blist, groups,
@@ -248,13 +250,14 @@ def sequential(model: Any, params: Any, batches: Iterable[Any], build: Build,
       log(f"sequential: rerunning the whole model per stage ({cache.why})")
       cache = None
     else:
-      cache.start(tree)
+      leaves = param_leaves(tree)
+      cache.start(leaves)
   start = time.time()
   for i, (prefix, paths) in enumerate(groups):
     t0 = time.time()
     want = frozenset(paths)
     if cache is not None:
-      stats = Stats(cache.stats(i, tree, shapes, paths), desc)
+      stats = Stats(cache.stats(i, leaves, shapes, paths), desc)
     else:
       stats = capture(model, tree, blist, default=lambda p, x: p in want,
                       method=method, attention_mask=attention_mask)
@@ -271,7 +274,8 @@ def sequential(model: Any, params: Any, batches: Iterable[Any], build: Build,
     tree = _graft(tree, prefix, out)
     t2 = time.time()
     if cache is not None and i + 1 < len(groups):
-      cache.advance(i, tree)
+      leaves = param_leaves(tree)  # also the next stage's statistics'
+      cache.advance(i, leaves)
       jax.block_until_ready(cache.live)
     log(f"stage {i + 1}/{len(groups)} {prefix}: {len(paths)} layers, "
         f"calibrated {t1 - t0:.1f}s, compressed {t2 - t1:.1f}s"

@@ -33,6 +33,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, ClassVar, NamedTuple
 
+import jax.numpy as jnp
+
 from compressjax.core.errors import CompressionError
 
 FORMATS: dict[str, type] = {}
@@ -159,6 +161,16 @@ class Format:
     """Round-to-nearest quantization of float array w into a compressed leaf
     whose groups run along the flattened `contract` axes."""
     raise NotImplementedError
+
+  def fake_quantize(self, w, *, contract: tuple[int, ...],
+                    group_size: int | None = None, per_tensor: bool = False,
+                    scale_dtype: Any = None, key=None):
+    """`quantize(...).materialize()` in float32 (what searches over scales
+    or clip ranges evaluate; formats that need no packed codes for it
+    override this with the same arithmetic, cheaper to trace)."""
+    return self.quantize(w, contract=contract, group_size=group_size,
+                         per_tensor=per_tensor, scale_dtype=scale_dtype,
+                         key=key).materialize().astype(jnp.float32)
 
   # -- configs ---------------------------------------------------------------
   def to_config(self) -> dict[str, Any]:

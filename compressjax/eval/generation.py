@@ -8,7 +8,8 @@ shapes.
 Two compiled programs per (model, batch, prompt bucket, max_new_tokens,
 sampling) — compile time is measured apart and excluded from the rates:
   prefill: the prompts, left-padded to a bucket length (a power of two, or a
-    multiple of `bucket`), with an attention mask, run once into an empty KV
+    multiple of `bucket`; at most the model's longest input less
+    max_new_tokens), with an attention mask, run once into an empty KV
     cache (`model.init_cache`, capacity bucket + max_new_tokens); the first
     new token is chosen from the last position's logits;
   decode: a `lax.while_loop` feeding one token per row per step through the
@@ -18,8 +19,8 @@ Both run the model through `cj.run`, so the tree may be compressed.
 Positions: each row counts its real tokens from 0 (the decoders' default),
 as Hugging Face's generate does for left-padded batches.
 
-A model without a KV cache (the byte-level `models.transformer.TransformerLM`)
-keeps a right-padded buffer of prompt + max_new_tokens tokens and re-runs the
+A model without a KV cache (a `CausalLM` with has_cache=False: a module
+without `init_cache`) keeps a right-padded buffer of prompt + max_new_tokens tokens and re-runs the
 full forward each step (its positions start at 0 on every row and attention
 is causal, so padding to the right of a row changes nothing before it).
 
@@ -282,6 +283,8 @@ def generate(model: Any, tree: Any, prompts: str | Sequence[Any], *,
   dtype = jnp.dtype(cache_dtype) if cache_dtype is not None else \
       _cache_dtype(tree)
   lens = np.array([len(s) for s in seqs], np.int32)
+  if lm.max_length is not None:  # the bucket + new tokens fit the model
+    p = min(p, lm.max_length - max_new_tokens)
   if lm.has_cache:
     ids = np.full((b, p), pad, np.int32)
     mask = np.zeros((b, p), np.int32)
@@ -289,8 +292,6 @@ def generate(model: Any, tree: Any, prompts: str | Sequence[Any], *,
       ids[r, p - len(s):], mask[r, p - len(s):] = s, 1
     first = (ids, mask)
   else:
-    if lm.max_length is not None:
-      p = min(p, lm.max_length - max_new_tokens)
     ids = np.full((b, p + max_new_tokens), pad, np.int32)
     for r, s in enumerate(seqs):  # right padding
       ids[r, :len(s)] = s

@@ -6,11 +6,13 @@ Mistral / Qwen2, GPT-2), a zoo decoder module, or the byte-level
   - how to compute logits on a (possibly compressed) tree through `cj.run`,
     with a right-padding mask where the model takes one (the byte LM is
     causal with learned positions from 0: right padding cannot change the
-    real tokens' logits, so it gets no mask);
+    real tokens' logits, so scoring passes it no mask and it keeps its
+    fused causal attention);
   - its tokenizer (the checkpoint's, or `data.text.ByteTokenizer` for the
     byte LM);
   - its longest input (`max_length`) and whether it has a KV cache
-    (`init_cache`, the decoders' calling convention in models.llama).
+    (`init_cache`, the decoders' calling convention in models.llama; the
+    byte LM has one too).
 Encoders (BERT, ViT) are refused: they are not causal LMs.
 """
 
@@ -81,7 +83,7 @@ def causal_lm(model: Any, tokenizer: Any = None) -> CausalLM:
     model = model.module
   if isinstance(model, transformer.TransformerLM):
     return CausalLM(model, tokenizer if tokenizer is not None else
-                    ByteTokenizer(), model.config.seq_len, False, False)
+                    ByteTokenizer(), model.config.seq_len, False, True)
   if callable(getattr(model, "init_cache", None)):
     cfg = getattr(model, "config", None)
     limit = next((getattr(cfg, f) for f in _MAX_LENGTH_FIELDS

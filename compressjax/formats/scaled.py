@@ -39,10 +39,10 @@ def nonzero_scale(s):
 class ScaledFormat(Format):
   """Base of int / float / level formats: elements times a float scale."""
 
-  def quantize(self, w, *, contract: tuple[int, ...],
-               group_size: int | None = None, per_tensor: bool = False,
-               scale_dtype: Any = jnp.float32, key=None) -> QArray:
-    w = jnp.asarray(w)
+  def _round_groups(self, w, contract, group_size, per_tensor, scale_dtype,
+                    key):
+    """The module doc's arithmetic on w's (K, N) matrix: (layout, code
+    values q, stored scale s (G, N), zero z or None)."""
     lay = MatrixLayout(tuple(w.shape), tuple(contract))
     x = lay.to_matrix(w.astype(jnp.float32))
     groups = 1 if group_size is None else lay.k // group_size
@@ -52,8 +52,27 @@ class ScaledFormat(Format):
     y = apply_groups(x, s.astype(jnp.float32), lambda a, b: a / b)
     if z is not None:
       y = apply_groups(y, z, lambda a, b: a + b)
-    stored = self.encode(self.round(y, key))
-    return QArray(codes=pack_codes(stored, self.bits), scale=s,
+    return lay, self.round(y, key), s, z
+
+  def quantize(self, w, *, contract: tuple[int, ...],
+               group_size: int | None = None, per_tensor: bool = False,
+               scale_dtype: Any = jnp.float32, key=None) -> QArray:
+    w = jnp.asarray(w)
+    _, q, s, z = self._round_groups(w, contract, group_size, per_tensor,
+                                    scale_dtype, key)
+    return QArray(codes=pack_codes(self.encode(q), self.bits), scale=s,
                   zero=None if z is None else z.astype(jnp.uint8),
                   shape=tuple(w.shape), dtype=jnp.dtype(w.dtype).name,
                   fmt=self, contract=tuple(contract))
+
+  def fake_quantize(self, w, *, contract: tuple[int, ...],
+                    group_size: int | None = None, per_tensor: bool = False,
+                    scale_dtype: Any = jnp.float32, key=None):
+    """w_hat = (q - z) * s in float32, codes never packed."""
+    w = jnp.asarray(w)
+    lay, q, s, z = self._round_groups(w, contract, group_size, per_tensor,
+                                      scale_dtype, key)
+    if z is not None:
+      q = apply_groups(q, z.astype(jnp.float32), lambda a, b: a - b)
+    return lay.from_matrix(apply_groups(q, s.astype(jnp.float32),
+                                        lambda a, b: a * b))

@@ -20,7 +20,7 @@ cache.
 
 from compressjax.kv.attention import (attend, attend_parts, attention,
                                       token_positions, visible)
-from compressjax.kv.cache import NO_POSITION, DenseKV, init_cache
+from compressjax.kv.cache import NO_POSITION, DenseKV, check_cache, init_cache
 from compressjax.kv.policies import (H2O, POLICIES, TOVA, Policy, Random,
                                      SinkWindow, SnapKV, Window)
 from compressjax.kv.quant import KVCodes, KVQuant, kivi, quantize_groups
@@ -35,5 +35,5 @@ def memory(cache) -> dict:
 __all__ = ["DenseKV", "H2O", "KVCache", "KVCodes", "KVQuant", "KVSpec",
            "NO_POSITION", "POLICIES", "Policy", "Pyramid", "Random",
            "SinkWindow", "SnapKV", "TOVA", "Uniform", "Window", "attend",
-           "attend_parts", "attention", "init_cache", "kivi", "memory",
-           "quantize_groups", "token_positions", "visible"]
+           "attend_parts", "attention", "check_cache", "init_cache", "kivi",
+           "memory", "quantize_groups", "token_positions", "visible"]

@@ -145,3 +145,22 @@ def init_cache(num_layers: int, batch: int, capacity: int, kv_heads: int,
   return tuple(store.empty(batch, capacity, kv_heads, head_dim, dtype,
                            layer=i, num_layers=num_layers)
                for i in range(num_layers))
+
+
+def check_cache(cache: Any, num_layers: int) -> None:
+  """A decoder's `cache` argument: None, or one store per layer (what
+  `init_cache` / the model's `init_cache` returns)."""
+  if cache is None:
+    return
+  if not isinstance(cache, (tuple, list)) or len(cache) != num_layers:
+    got = type(cache).__name__ + (f" of {len(cache)}" if isinstance(
+        cache, (tuple, list)) else "")
+    raise CompressionError(
+        f"cache must be a tuple of {num_layers} per-layer stores, got {got}; "
+        "make it with model.init_cache(batch, capacity)")
+  for i, store in enumerate(cache):
+    if not callable(getattr(store, "attention", None)):
+      raise CompressionError(
+          f"layer {i}: cache entry is a {type(store).__name__}, not a KV "
+          "store (the protocol in compressjax.kv.cache); make the cache with "
+          "model.init_cache(batch, capacity)")

@@ -445,7 +445,8 @@ class KVCache:
     budget = self.capacity
     pw, sinks = pol.stream_mask(budget)
     nxt = jnp.maximum(self.next, jnp.max(positions, axis=1) + 1)
-    nk, nv = self._new_view(kh, vh, positions, nxt)
+    new = self._encode_new(kh, vh)  # once: attended over, then admitted
+    nk, nv = self._new_view(new, kh, vh, positions, nxt)
     sink_q = None
     if pol.reposition and sinks:
       if rotary is None:
@@ -469,7 +470,7 @@ class KVCache:
                                 positions, scale=scale, window=window,
                                 policy_window=pw, sinks=sinks, sink_q=sink_q)
     return out, self._admit(kh, vh, positions,
-                            probs if pol.needs_probs else None)
+                            probs if pol.needs_probs else None, new)
 
   # -- internals
   def _check(self, k, v, positions):
@@ -492,19 +493,24 @@ class KVCache:
           f"fit the KV cache capacity {self.capacity}; make the cache with "
           "capacity >= prompt + generated tokens")
 
-  def _new_view(self, kh, vh, positions, nxt):
+  def _encode_new(self, kh, vh):
+    """The new tokens' per-token entries (keys, values) (`_encode`)."""
+    s, dt = self.spec, self.recent_dtype
+    return _encode(s.keys, kh, dt), _encode(s.values, vh, dt)
+
+  def _new_view(self, entries, kh, vh, positions, nxt):
     """The new tokens as attention sees them: float inside the window,
-    else their dequantized entries."""
+    else their dequantized `entries` (`_encode_new`)."""
     s, dt = self.spec, self.recent_dtype
 
-    def lane(q, x):
+    def lane(q, e, x):
       if q is None:
         return x.astype(dt)
-      deq = _decode(q, _encode(q, x, dt), dt)
+      deq = _decode(q, e, dt)
       use = positions >= _float_from(q, s.residual, nxt)[:, None]
       return jnp.where(use[:, None, :, None], x.astype(dt), deq)
 
-    return lane(s.keys, kh), lane(s.values, vh)
+    return lane(s.keys, entries[0], kh), lane(s.values, entries[1], vh)
 
   def _update_recent(self, q, recent, x, positions, nxt):
     """Writes the new tokens into a lane's float window (slot = position
@@ -571,13 +577,14 @@ class KVCache:
                   shape=main.shape, dtype=main.dtype, fmt=main.fmt,
                   axis=main.axis)
 
-  def _admit(self, kh, vh, positions, probs) -> "KVCache":
-    """Policy: scores the S stored + T new candidates, keeps the best S."""
-    s, pol, dt = self.spec, self.spec.policy, self.recent_dtype
+  def _admit(self, kh, vh, positions, probs, entries=None) -> "KVCache":
+    """Policy: scores the S stored + T new candidates, keeps the best S.
+    `entries`: the new tokens' `_encode_new`, when already made."""
+    s, pol = self.spec, self.spec.policy
     b, h, t, _ = kh.shape
     n = self.capacity
     nxt = jnp.maximum(self.next, jnp.max(positions, axis=1) + 1)
-    ek, ev = _encode(s.keys, kh, dt), _encode(s.values, vh, dt)
+    ek, ev = entries if entries is not None else self._encode_new(kh, vh)
     new_pos = jnp.broadcast_to(positions[:, None], (b, h, t))
     cand_pos = jnp.concatenate([self.positions, new_pos], axis=2)
     inc = None

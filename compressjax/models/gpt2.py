@@ -192,10 +192,7 @@ class GPT2LMHeadModel(nn.Module):
   def __call__(self, input_ids, positions=None, attention_mask=None,
                cache=None):
     c = self.config
-    if cache is not None and (not isinstance(cache, (tuple, list))
-                              or len(cache) != c.n_layer):
-      raise CompressionError(f"cache must be a tuple of {c.n_layer} "
-                             "per-layer stores (from model.init_cache)")
+    kv.check_cache(cache, c.n_layer)
     if cache is None and input_ids.shape[-1] > c.n_positions:
       raise CompressionError(f"{input_ids.shape[-1]} tokens exceed GPT-2's "
                              f"n_positions {c.n_positions}")

@@ -297,7 +297,7 @@ class LlamaForCausalLM(nn.Module):
   def __call__(self, input_ids, positions=None, attention_mask=None,
                cache=None):
     c = self.config
-    _check_cache(cache, c.num_hidden_layers)
+    kv.check_cache(cache, c.num_hidden_layers)
     index, tokens = kv.token_positions(
         input_ids.shape, positions, attention_mask,
         None if cache is None else cache[0])
@@ -305,15 +305,6 @@ class LlamaForCausalLM(nn.Module):
     logits = (self.model.embed_tokens.attend(h) if c.tie_word_embeddings
               else self.lm_head(h))
     return logits if cache is None else (logits, cache)
-
-
-def _check_cache(cache, layers: int) -> None:
-  if cache is not None and (not isinstance(cache, (tuple, list))
-                            or len(cache) != layers):
-    raise CompressionError(
-        f"cache must be a tuple of {layers} per-layer stores (from "
-        f"model.init_cache), got {type(cache).__name__}"
-        f"{'' if not isinstance(cache, (tuple, list)) else f' of {len(cache)}'}")
 
 
 # ---------------------------------------------------------------- HF family

@@ -205,10 +205,7 @@ class TransformerLM(nn.Module):
     if cache is None and t > c.seq_len:
       raise ValueError(f"sequence length {t} exceeds the model's seq_len "
                        f"{c.seq_len}")
-    if cache is not None and (not isinstance(cache, (tuple, list))
-                              or len(cache) != c.n_layers):
-      raise CompressionError(f"cache must be a tuple of {c.n_layers} "
-                             "per-block stores (from model.init_cache)")
+    kv.check_cache(cache, c.n_layers)
     init = nn.initializers.normal(stddev=0.02)
     x = nn.Embed(c.vocab_size, c.d_model, embedding_init=init,
                  name="embed")(tokens.astype(jnp.int32))

@@ -98,20 +98,12 @@ def _qcfg(bits=4, format=None, group_size=128, symmetric=False):
 
 
 def _fake_quant(w, q):
-  """quantize_array(w, ...).materialize() in float32. Formats with a plain
-  float scale per group take the same arithmetic (their own scale rule)
-  without packing codes (much faster to compile inside the searches); tests
-  check the two agree."""
+  """quantize_array(w, ...).materialize() in float32: the format's own
+  `fake_quantize` (no packed codes: much faster to compile inside the
+  searches); tests check the two agree."""
   cfg = dict(q)
-  fmt = resolve_format(cfg, "<array>")
-  if not fmt.capabilities.float_scale:
-    return quantize_array(w, **cfg).materialize().astype(jnp.float32)
-  k, n = w.shape
-  gs = cfg["group_size"] or k
-  x = w.astype(jnp.float32).reshape(k // gs, gs, n)
-  s, z = fmt.scale_zero(x, lambda v, fn: fn(v, axis=1, keepdims=True))
-  y = fmt.round(x / s) if z is None else fmt.round(x / s + z) - z
-  return (y * s).reshape(k, n)
+  return resolve_format(cfg, "<array>").fake_quantize(
+      w, contract=(0,), group_size=cfg["group_size"])
 
 
 @functools.partial(jax.jit, static_argnames=("qcfgs", "n_grid"))

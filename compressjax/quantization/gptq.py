@@ -23,7 +23,6 @@ round-to-nearest produces.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, ClassVar
 
@@ -33,10 +32,9 @@ import numpy as np
 
 from compressjax.core import rules as rules_lib
 from compressjax.core import transform as transform_lib
-from compressjax.core.base import CompressedLeaf
+from compressjax.core.base import Stage, compress_inside, inner_arrays
 from compressjax.core.errors import CompressionError
 from compressjax.core.format import Format
-from compressjax.core.input_transform import InputTransform
 from compressjax.core.contraction import MatrixLayout
 from compressjax.core.linalg import ObsRule, obs_prepare, obs_sweep
 from compressjax.core.qarray import QArray, pack_codes
@@ -250,25 +248,32 @@ def gptq(stats, *, options, rules, default) -> transform_lib.Transform:
   """GPTQ transform over a tree, given `compressjax.calibrate.capture` stats
   (one-shot: every layer calibrated on the float model's activations)."""
 
+  def check_inner(path, w):
+    """GPTQ quantizes the float kernel inside `w`: the leaf itself, or a
+    wrapper's weight (InputTransform, PactInput, ...; the leaf type says
+    which, `CompressedLeaf.targets`). Calibration observed the input that
+    kernel multiplies, so the statistics' Hessian is its own; an inner array
+    with other axes (sparse values, ...) has none."""
+    for p, x, keeps_layout in inner_arrays(w, Stage.QUANTIZE, path):
+      if not keeps_layout or tuple(x.shape) != tuple(w.shape):
+        raise CompressionError(
+            f"GPTQ needs a float kernel of shape {tuple(w.shape)} inside the "
+            f"{type(w).__name__}, got {p} of shape {tuple(x.shape)}; apply "
+            "GPTQ first (chain(gptq(...), ...)) or quantize with RTN", path)
+
   def leaf(path, w, cfg, state):
     if path not in stats:
       raise CompressionError("no calibration statistics for this param; "
                              "capture with the same rules", path)
-    if isinstance(w, InputTransform):
-      # Rotated / scaled layer: capture observed the transformed input, so
-      # its Hessian is that of the input the inner weight multiplies.
-      if isinstance(w.weight, CompressedLeaf):
-        raise CompressionError("GPTQ needs the InputTransform's weight in "
-                               "float; it is already compressed", path)
-      return dataclasses.replace(w, weight=gptq_quantize(
-          w.weight, stats[path].hessian, path=path, **cfg))
+    st = stats[path]
     # the contraction the statistics were captured over (any axes)
-    return gptq_quantize(w, stats[path].hessian, path=path,
-                         contract=tuple(stats[path].contract), **cfg)
+    return compress_inside(
+        w, Stage.QUANTIZE, lambda p, x, _: gptq_quantize(
+            x, st.hessian, path=p, contract=tuple(st.contract), **cfg), path)
 
   def check(path, w, cfg):
-    k = (stats[path].view(w.shape).k if path in stats and not isinstance(
-        w, InputTransform) else w.shape[0])
+    check_inner(path, w)
+    k = stats[path].view(w.shape).k if path in stats else w.shape[0]
     if cfg.get("group_size") and k % cfg["group_size"]:
       raise CompressionError(
           f"group_size {cfg['group_size']} does not divide the {k} "

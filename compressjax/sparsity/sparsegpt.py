@@ -43,12 +43,12 @@ import jax.numpy as jnp
 from compressjax.core import rules as rules_lib
 from compressjax.core import transform as transform_lib
 from compressjax.core.base import CompressedLeaf
+from compressjax.core.contraction import MatrixLayout
 from compressjax.core.format import Format
 from compressjax.core.errors import CompressionError
 from compressjax.core.linalg import ObsRule, obs_prepare, obs_sweep
 from compressjax.core.qarray import QArray, pack_codes
 from compressjax.core.rules import option
-from compressjax.core.sparse import NMSparseArray
 from compressjax.quantization.gptq import GroupRounding, slab_size
 from compressjax.quantization.rtn import resolve_format
 from compressjax.sparsity.magnitude import (check_sparse_config, nm_from_keep,
@@ -140,18 +140,20 @@ def _sparsegpt(w, h, n_prune, *, damp, nm: bool, n: int, m: int,
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "shape", "dtype", "nm", "n", "m", "kept", "fmt"))
-def _assemble(q, keep, codes, s, z, *, shape, dtype, nm, n, m, kept, fmt):
-  """Dense pass outputs -> sparse leaf (+ packed kept codes, scale, zero)."""
-  w_hat = q.reshape(shape).astype(dtype)
-  keep = keep.reshape(shape)
-  take = (lambda x: nm_from_keep(x, keep, n, m, 0)) if nm else (
-      lambda x: sparse_from_mask(x, keep, (1,) * len(shape), "unstructured",
-                                 kept=kept))
+    "view", "dtype", "nm", "n", "m", "kept", "fmt"))
+def _assemble(q, keep, codes, s, z, *, view, dtype, nm, n, m, kept, fmt):
+  """Dense pass outputs on the 2-D view -> the kernel's sparse leaf (+ packed
+  kept codes, scale, zero): laid back once, N:M runs along the last
+  contracted axis (which continues the view's K axis)."""
+  w_hat = view.from_matrix(q).astype(dtype)
+  keep = view.from_matrix(keep)
+  take = (lambda x: nm_from_keep(x, keep, n, m, view.contract[-1])) if nm \
+      else (lambda x: sparse_from_mask(x, keep, (1,) * len(view.shape),
+                                       "unstructured", kept=kept))
   leaf = take(w_hat)
   if fmt is None:
     return leaf, None, None, None
-  vals = take(fmt.encode(codes).reshape(shape)).values
+  vals = take(view.from_matrix(fmt.encode(codes))).values
   # the QArray's (K, N) matrix: kept values along the input axis by outputs
   vals = pack_codes(vals.reshape(vals.shape[0], -1), fmt.bits)
   if nm:  # per output channel or group of the kept values
@@ -160,6 +162,25 @@ def _assemble(q, keep, codes, s, z, *, shape, dtype, nm, n, m, kept, fmt):
     s = s.reshape(1, 1)
   z = z.reshape(s.shape).astype(jnp.uint8)
   return leaf, vals, s.astype(jnp.float32), z
+
+
+def _resolve_view(path, view: MatrixLayout, cfg):
+  """`_resolve` for a kernel contracted over `view.contract`: the algorithm
+  runs on the 2-D view (K, N), N:M runs along the last contracted axis."""
+  if view.contract == (0,):
+    return _resolve(path, view.shape, cfg)
+  out = _resolve(path, (view.k, view.n), cfg)
+  last = view.shape[view.contract[-1]]
+  if cfg.get("pattern") == "nm" and last % cfg["m"]:
+    raise CompressionError(
+        f"N:M runs go along the last contracted axis ({view.contract[-1]}, "
+        f"size {last}), which M={cfg['m']} does not divide", path)
+  if cfg.get("bits") is not None or cfg.get("format") is not None:
+    raise CompressionError(
+        f"joint quantization of a kernel contracted over axes "
+        f"{view.contract} is not supported; prune first, then quantize "
+        "(chain(sparsegpt(...), quantize(...)))", path)
+  return out
 
 
 def _resolve(path, shape, cfg):
@@ -214,8 +235,11 @@ def sparsegpt_prune(w, hessian, *, sparsity: float = 0.5,
                     block_size: int = 128, damp: float = 0.01,
                     bits: int | None = None, format: str | None = None,
                     group_size: int | None = None, symmetric: bool = True,
-                    path: str = "<array>"):
-  """SparseGPT of a Flax kernel w (K_in, ...) given H (K_in x K_in).
+                    contract: tuple[int, ...] = (0,), path: str = "<array>"):
+  """SparseGPT of a Flax kernel w (K_in, ...) given H (K_in x K_in); or of
+  any kernel contracted over `contract` (the statistics' axes: an
+  out-projection's (0, 1), a conv's spatial and input axes), on its 2-D view
+  (K = their product), the leaf built in the kernel's layout.
 
   Returns a SparseArray (unstructured, 1x1 blocks) or an NMSparseArray (N of
   every M along the input axis); with `bits` or `format`, its values are a
@@ -226,15 +250,16 @@ def sparsegpt_prune(w, hessian, *, sparsity: float = 0.5,
                          block_size=block_size, damp=damp, bits=bits,
                          format=format, group_size=group_size,
                          symmetric=symmetric)
-  fmt, span = _resolve(path, w.shape, cfg)
-  k = w.shape[0]
+  view = MatrixLayout(tuple(w.shape), tuple(contract))
+  fmt, span = _resolve_view(path, view, cfg)
+  k = view.k
   if tuple(hessian.shape) != (k, k):
     raise CompressionError(f"Hessian {tuple(hessian.shape)} does not match "
                            f"in_features {k}", path)
   nm = pattern == "nm"
   unit = span if span else (m if nm else 1)
   bs = min(max(block_size // unit, 1) * unit, k)  # whole runs / groups
-  w2 = jnp.asarray(w, jnp.float32).reshape(k, -1)
+  w2 = view.to_matrix(jnp.asarray(w, jnp.float32))
   n_prune = jnp.asarray([round(sparsity * min(bs, k - i) * w2.shape[1])
                          for i in range(0, k, bs)], jnp.int32)
   q, keep, codes, s, z, finite, kept = _sparsegpt(
@@ -246,8 +271,8 @@ def sparsegpt_prune(w, hessian, *, sparsity: float = 0.5,
                            "raise damp or check the calibration data", path)
   kept = int(kept)
   leaf, codes, scale, zero = _assemble(
-      q, keep, codes, s, z, shape=tuple(w.shape), dtype=jnp.dtype(w.dtype).name,
-      nm=nm, n=n, m=m, kept=kept, fmt=fmt)
+      q, keep, codes, s, z, view=view, dtype=jnp.dtype(w.dtype).name, nm=nm,
+      n=n, m=m, kept=kept, fmt=fmt)
   if fmt is None:
     return leaf
   vals = QArray(codes=codes, scale=scale,
@@ -255,21 +280,6 @@ def sparsegpt_prune(w, hessian, *, sparsity: float = 0.5,
                 shape=(kept,) if not nm else leaf.kept_shape,
                 dtype=jnp.dtype(w.dtype).name, fmt=fmt, contract=(0,))
   return dataclasses.replace(leaf, values=vals)
-
-
-@functools.partial(jax.jit, static_argnames=("view", "dtype"))
-def _relayout(leaf, view, dtype):
-  """A sparse leaf of the 2-D view (K, N) as the same leaf of the kernel
-  (values in the kernel's order; N:M runs along the last contracted axis,
-  which continues the view's K axis)."""
-  keep = dataclasses.replace(leaf, values=jnp.ones_like(
-      leaf.values)).materialize() != 0
-  dense = view.from_matrix(leaf.materialize().astype(dtype))
-  keep = view.from_matrix(keep)
-  if isinstance(leaf, NMSparseArray):
-    return nm_from_keep(dense, keep, leaf.n, leaf.m, view.contract[-1])
-  return sparse_from_mask(dense, keep, (1,) * dense.ndim, "unstructured",
-                          kept=leaf.values.size)
 
 
 @rules_lib.options
@@ -314,31 +324,14 @@ def sparsegpt(stats, *, options, rules, default) -> transform_lib.Transform:
     if path not in stats:
       raise CompressionError("no calibration statistics for this param; "
                              "capture with the same rules", path)
-    view = stats[path].view(w.shape)
-    if view.contract == (0,):
-      _resolve(path, w.shape, cfg)
-      return
-    _resolve(path, (view.k, view.n), cfg)
-    last = view.shape[view.contract[-1]]
-    if cfg.get("pattern") == "nm" and last % cfg["m"]:
-      raise CompressionError(
-          f"N:M runs go along the last contracted axis ({view.contract[-1]}, "
-          f"size {last}), which M={cfg['m']} does not divide", path)
-    if cfg.get("bits") is not None or cfg.get("format") is not None:
-      raise CompressionError(
-          f"joint quantization of a kernel contracted over axes "
-          f"{view.contract} is not supported; prune first, then quantize "
-          "(chain(sparsegpt(...), quantize(...)))", path)
+    _resolve_view(path, stats[path].view(w.shape), cfg)
 
   def leaf(path, w, cfg, state):
     st = stats[path]
-    view = st.view(w.shape)
-    if view.contract == (0,):
-      return sparsegpt_prune(w, st.hessian, path=path, **cfg)
-    # any other contraction (attention out-projections, im2col convs): the
-    # algorithm on the 2-D view (contracted axes x the rest), leaf laid back
-    out = sparsegpt_prune(view.to_matrix(w), st.hessian, path=path, **cfg)
-    return _relayout(out, view, w.dtype)
+    # any contraction (attention out-projections, im2col convs): the
+    # algorithm on the 2-D view (contracted axes x the rest)
+    return sparsegpt_prune(w, st.hessian, path=path,
+                           contract=tuple(st.contract), **cfg)
 
   return transform_lib.leaf_transform("sparsegpt", options, leaf, check,
                                       rules, default)

@@ -1,8 +1,10 @@
 """Generation: greedy tokens equal the argmax of a plain full forward re-run
 on the growing sequence (Llama with a left-padded batch, GPT-2 on a 4-bit
-tree, the cache-less byte LM); eos stops rows; top-k / top-p / temperature
-against numpy references and the sampled frequencies; compiled once per
-shape; errors."""
+tree, the byte LM with and without its cache); eos stops rows; top-k /
+top-p / temperature against numpy references and the sampled frequencies;
+compiled once per shape; errors."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -78,12 +80,22 @@ def test_gpt2_greedy_on_a_4bit_tree():
   check_greedy(pre.module, fixtures.materialize(q), prompts, res)
 
 
-def test_byte_lm_without_cache():
+def test_byte_lm_with_and_without_cache():
+  # the byte LM decodes through its KV cache (init_cache); the cache-less
+  # path (a module without one) re-runs the right-padded buffer
+  from compressjax.eval.lm import CausalLM
   model, v = fixtures.byte_lm()
-  tok = cj.eval.causal_lm(model).tokenizer
+  lm = cj.eval.causal_lm(model)
+  assert lm.has_cache and not lm.takes_mask
   texts = ["import os\n", "def "]
   res = generate(model, v, texts, max_new_tokens=8, eos_ids=())
-  check_greedy(model, v, tok.encode(texts), res)
+  check_greedy(model, v, lm.tokenizer.encode(texts), res)
+  no_cache = generate(dataclasses.replace(lm, has_cache=False), v, texts,
+                      max_new_tokens=8, eos_ids=())
+  np.testing.assert_array_equal(no_cache.tokens, res.tokens)
+  # bucket (32) + new tokens past seq_len: the bucket shrinks to fit
+  long = generate(model, v, "x" * 20, max_new_tokens=40, eos_ids=())
+  assert long.prompt_bucket == 64 - 40 and long.tokens.shape == (1, 40)
   with pytest.raises(CompressionError, match="at most 64"):
     generate(model, v, "x" * 60, max_new_tokens=8)
 

@@ -134,9 +134,22 @@ def test_attend_masks_by_position_and_slot_order_is_free():
   np.testing.assert_allclose(out2, out, rtol=1e-5, atol=1e-6)
 
 
-def test_bad_cache_argument():
-  model = llama.LlamaForCausalLM(_models()["llama_gqa_window"][1])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "transformer"])
+def test_bad_cache_argument(name):
+  # every decoder checks its cache with kv.check_cache: the error names the
+  # layer count or the bad layer, and the fix
+  from compressjax.models import transformer
+  model = {"llama": lambda: llama.LlamaForCausalLM(
+               _models()["llama_gqa_window"][1]),
+           "gpt2": lambda: gpt2.GPT2LMHeadModel(_models()["gpt2_quantized"][1]),
+           "transformer": lambda: transformer.TransformerLM(
+               transformer.TransformerConfig(vocab_size=64, d_model=32,
+                                             n_layers=2, n_heads=2, d_mlp=64,
+                                             seq_len=T))}[name]()
   ids, _ = _batch()
   v = jax.eval_shape(lambda: model.init(jax.random.key(0), ids))
-  with pytest.raises(CompressionError, match="tuple of 2"):
-    jax.eval_shape(lambda: model.apply(v, ids, cache=model.init_cache(2, T)[:1]))
+  cache = model.init_cache(2, T)
+  with pytest.raises(CompressionError, match="tuple of 2.*init_cache"):
+    jax.eval_shape(lambda: model.apply(v, ids, cache=cache[:1]))
+  with pytest.raises(CompressionError, match="layer 1: .*dict.*init_cache"):
+    jax.eval_shape(lambda: model.apply(v, ids, cache=(cache[0], {})))

@@ -151,3 +151,45 @@ def test_any_contraction_is_gptq_on_the_2d_view():
   assert q.contract == (0, 1) and q.shape == (4, 8, 6)
   np.testing.assert_array_equal(v.to_matrix(np.asarray(q.materialize())),
                                 np.asarray(want.materialize()))
+
+
+def _wrappers(w):
+  """Leaves that carry a float kernel GPTQ quantizes in place."""
+  from compressjax.core.input_transform import InputTransform
+  from compressjax.core.pact_input import PactInput
+  shape, dtype = tuple(w.shape), jnp.dtype(w.dtype).name
+  return {
+      "pact": lambda inner: PactInput(weight=inner, alpha=jnp.float32(1.5),
+                                      bits=4, signed=True, shape=shape,
+                                      dtype=dtype),
+      "act8": lambda inner: InputTransform(weight=inner, scale=None,
+                                           signs=None, block=0, act="int8",
+                                           shape=shape, dtype=dtype),
+  }
+
+
+@pytest.mark.parametrize("kind", ["pact", "act8"])
+def test_gptq_inside_a_wrapper_is_gptq_of_its_kernel_wrapped(kind):
+  # The leaf type names what GPTQ quantizes (`targets`): gptq(wrap(W)) ==
+  # wrap(gptq(W)) with the same statistics, the wrapper's fields untouched.
+  x, w, _ = _data(k=64, n=16, seed=4)
+  stats = capture(lambda p, a: a @ p["w"], {"w": w}, [x],
+                  default=lambda p, a: True)
+  wrap = _wrappers(w)[kind]
+  t = gptq(stats, 4, group_size=16, default=lambda p, a: True)
+  got = t.apply({"w": wrap(w)})["w"]
+  want = wrap(t.apply({"w": w})["w"])
+  assert type(got) is type(want) and isinstance(got.weight, cj.QArray)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+
+
+def test_gptq_refuses_a_kernel_whose_axes_are_gone():
+  # sparse values are a flat list: no Hessian of theirs exists
+  x, w, _ = _data(k=64, n=16, seed=4)
+  stats = capture(lambda p, a: a @ p["w"], {"w": w}, [x],
+                  default=lambda p, a: True)
+  sp = cj.sparsify({"w": w}, 0.5, default=lambda p, a: True)
+  with pytest.raises(cj.CompressionError, match=r"w.*GPTQ first"):
+    gptq(stats, 4, default=lambda p, a: True).apply(sp)
