@@ -11,9 +11,11 @@ Models (configs/kv.py):
          same stdlib bytes: windows of seq_len that start with a BOS byte
          (NUL, the corpus's document separator), a fraction of them with a
          planted needle "\n@@ <5 key symbols><5 value symbols>\n" (symbols:
-         bytes 0xC0-0xFF, absent from the text) repeated later, after a
-         first phase of copying random strings (where induction heads
-         form). Cached in <workdir>/baseline_kv/<key>.
+         bytes 0xC0-0xFF, absent from the text, all distinct within a
+         window's needles) repeated later, after a first phase of copying
+         strings of distinct symbols with a varying period (where induction
+         heads should form; see configs/kv.py for what was measured).
+         Cached in <workdir>/baseline_kv/<key>.
 
 Every row is a `kv.KVSpec` (quantized entries and / or an eviction policy
 with a budget); the model's weights stay float. Per row and model:
