@@ -103,6 +103,12 @@ class MatrixLayout:
     return tuple(self.shape[d] for d in self.rest)
 
   @property
+  def in_shape(self) -> tuple[int, ...]:
+    """The contracted axes' sizes, in the declared order (K's row-major
+    shape: a per-input-channel vector (K,) reshaped to it)."""
+    return tuple(self.shape[d] for d in self.contract)
+
+  @property
   def is_identity(self) -> bool:
     return self.perm == tuple(range(len(self.shape)))
 
@@ -170,3 +176,30 @@ def split_columns(a, n: int):
   """(R, n * m) -> (n, R, m): column run i of a stored matrix first."""
   r, c = a.shape
   return jnp.moveaxis(a.reshape(r, n, c // n), 1, 0)
+
+
+def matrix_operand(x, contract: tuple[int, ...], dims):
+  """x as the (M, K) matrix that multiplies a leaf's stored (K, N) matrix
+  when the op contracts exactly `contract` (in any order) and has no batch
+  dimensions; None otherwise. Returns (x_mat, leading shape of the output)."""
+  (lc, rc), (lb, rb) = dims
+  if lb or rb or len(rc) != len(contract) or set(rc) != set(contract):
+    return None
+  pair = dict(zip(rc, lc))
+  order = [pair[a] for a in contract]  # x's axes in the leaf's K order
+  free = [d for d in range(x.ndim) if d not in order]
+  xt = jnp.transpose(x, free + order) if free + order != list(
+      range(x.ndim)) else x
+  lead = tuple(x.shape[d] for d in free)
+  k = 1
+  for d in order:
+    k *= x.shape[d]
+  return xt.reshape(lead + (k,)), lead
+
+
+def matrix_dims(lead: int, contract: Sequence[int]):
+  """dot_general dimension numbers multiplying x (*lead, *in_shape) (a
+  matrix operand reshaped to the leaf's contracted shape, declared order)
+  by an array contracted over `contract`: output (*lead, *out_shape)."""
+  return ((tuple(range(lead, lead + len(contract))), tuple(contract)),
+          ((), ()))

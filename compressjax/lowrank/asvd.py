@@ -27,10 +27,17 @@ give S = I). Such a channel weighs ~EPS^alpha as much as the largest one; its
 row of W_hat stays the (bounded) projection above. Not included: the paper's
 sensitivity-based per-layer rank search (STRS); give per-layer ranks via
 rules instead.
+
+Multi-axis kernels (DenseGeneral / Einsum, e.g. an in-projection
+(d, heads, head_dim) contracting (0,) or an out-projection (heads, head_dim,
+d) contracting (0, 1)): the statistics' contraction (`LayerStats.view`, the
+mechanism GPTQ and Wanda use) gives the (K, N) matrix this factorizes, and
+the LowRank leaf keeps that contraction, so `runtime` runs x @ A @ B.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, ClassVar, Mapping
 
@@ -41,7 +48,7 @@ import numpy as np
 from compressjax.core import transform as transform_lib
 from compressjax.core.errors import CompressionError
 from compressjax.core.base import CompressedLeaf, Stage, inner_arrays
-from compressjax.core.lowrank import LowRank
+from compressjax.core.lowrank import LowRank, lowrank_layout
 from compressjax.core import rules as rules_lib
 from compressjax.core.rules import option
 from compressjax.lowrank.svd import (LowRankOptions, check_lowrank_config,
@@ -65,48 +72,54 @@ def _check_alpha(path: str, alpha) -> None:
                            path)
 
 
-def check_features(path: str, shape, vec_shape, what: str) -> None:
-  m, _ = matrix_shape(shape)
+def check_features(path: str, shape, vec_shape, what: str,
+                   contract=None) -> None:
+  m, n = matrix_shape(shape, contract)
   if tuple(vec_shape) != (m,):
     raise CompressionError(
         f"{what} has shape {tuple(vec_shape)} but the kernel {tuple(shape)} "
-        f"has {m} input features (rows of its {m}x{shape[-1]} matrix view); "
-        "calibrate this param's own matmul, or skip it with a rule", path)
+        f"has {m} input features (rows of its {m}x{n} matrix view over axes "
+        f"{lowrank_layout(shape, contract).contract}); calibrate this "
+        "param's own matmul, or skip it with a rule", path)
 
 
 def asvd_factorize(w, mean_abs, *, alpha: float = 0.5, rank=None,
                    rank_ratio=None, energy=None, residual: bool = False,
-                   path: str = "<array>") -> LowRank:
-  """ASVD of a Flax kernel w (K_in, N_out) given mean |x_j| over K_in."""
+                   contract=None, path: str = "<array>") -> LowRank:
+  """ASVD of a Flax kernel w (K_in, N_out) given mean |x_j| over K_in; or
+  of any kernel's (K, N) view over its `contract`ed axes (statistics'
+  `LayerStats.contract`; None: every axis but the last)."""
   w = jnp.asarray(w)
   AsvdOptions(alpha=alpha, rank=rank, rank_ratio=rank_ratio, energy=energy,
               residual=residual)  # types and ranges
   cfg = dict(rank=rank, rank_ratio=rank_ratio, energy=energy)
-  check_lowrank_config(path, w.shape, cfg)
+  check_lowrank_config(path, w.shape, cfg, contract)
   _check_alpha(path, alpha)
   mean_abs = jnp.asarray(mean_abs)
-  check_features(path, w.shape, mean_abs.shape, "mean_abs")
+  check_features(path, w.shape, mean_abs.shape, "mean_abs", contract)
   if not bool(jnp.all(jnp.isfinite(mean_abs))):
     raise CompressionError("activation statistics contain NaN or Inf; "
                            "recapture them", path)
-  m, n = matrix_shape(w.shape)
-  x = w.astype(jnp.float32).reshape(m, n)
+  lay = lowrank_layout(w.shape, contract)
+  m, n = lay.k, lay.n
+  x = lay.to_matrix(w.astype(jnp.float32))
   s = activation_scale(mean_abs, alpha)
   u, sv, vt = jnp.linalg.svd(s[:, None] * x, full_matrices=False)
   r = choose_rank(sv, m, n, cfg, path)  # host copy only for energy
   root = jnp.sqrt(sv[:r])
   a = ((u[:, :r] * root) / s[:, None]).astype(w.dtype)  # undo S on inputs
   b = (root[:, None] * vt[:r]).astype(w.dtype)
-  return lowrank_leaf(w, x, a, b, residual)
+  return lowrank_leaf(w, x, a, b, residual, lay.contract)
 
 
-def lowrank_leaf(w, x, a, b, residual: bool) -> LowRank:
-  """LowRank leaf; the residual is exact against the stored (cast) factors."""
+def lowrank_leaf(w, x, a, b, residual: bool, contract=None) -> LowRank:
+  """LowRank leaf of w whose (K, N) view over `contract` is x; the residual
+  is exact against the stored (cast) factors."""
   lr = LowRank(a=a, b=b, residual=None, shape=tuple(w.shape),
-               dtype=jnp.dtype(w.dtype).name)
+               dtype=jnp.dtype(w.dtype).name, contract=contract)
   if residual:
-    rest = (x - lr.product()).reshape(w.shape).astype(w.dtype)
-    lr = LowRank(a=a, b=b, residual=rest, shape=lr.shape, dtype=lr.dtype)
+    rest = lr.layout.from_matrix(x - lr.product()).astype(w.dtype)
+    lr = dataclasses.replace(lr, residual=rest)
   return lr
 
 
@@ -146,14 +159,16 @@ def asvd(stats: Mapping[str, Any], *, options, rules,
 
   def leaf(path, w, cfg, state):
     reject_compressed(path, w)
-    return asvd_factorize(w, layer_stats(stats, path).mean_abs, path=path,
+    st = layer_stats(stats, path)
+    return asvd_factorize(w, st.mean_abs, path=path, contract=st.contract,
                           **cfg)
 
   def check(path, w, cfg):
-    check_lowrank_config(path, w.shape, cfg)
+    st = layer_stats(stats, path)
+    check_lowrank_config(path, w.shape, cfg, st.contract)
     _check_alpha(path, cfg.get("alpha"))
-    check_features(path, w.shape, np.shape(layer_stats(stats, path).abs_sum),
-                    "mean_abs")
+    check_features(path, w.shape, np.shape(st.abs_sum), "mean_abs",
+                   st.contract)
 
   return transform_lib.leaf_transform("asvd", options, leaf, check, rules,
                                       default)

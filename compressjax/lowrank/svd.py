@@ -12,7 +12,6 @@ low-rank plus a quantized residual).
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar, Mapping
 
 import jax
@@ -21,14 +20,17 @@ import numpy as np
 
 from compressjax.core.errors import CompressionError
 from compressjax.core.base import Stage, compress_inside, inner_arrays
-from compressjax.core.lowrank import LowRank
+from compressjax.core.lowrank import LowRank, lowrank_layout
 from compressjax.core import rules as rules_lib
 from compressjax.core.rules import option
 from compressjax.core import transform as transform_lib
 
 
-def matrix_shape(shape) -> tuple[int, int]:
-  return math.prod(shape[:-1]), shape[-1]
+def matrix_shape(shape, contract=None) -> tuple[int, int]:
+  """(K, N) of the matrix a LowRank of `shape` factors (`lowrank_layout`:
+  over `contract`, by default every axis but the last)."""
+  lay = lowrank_layout(shape, contract)
+  return lay.k, lay.n
 
 
 def choose_rank(s: np.ndarray, m: int, n: int, cfg: Mapping[str, Any],
@@ -41,10 +43,19 @@ def choose_rank(s: np.ndarray, m: int, n: int, cfg: Mapping[str, Any],
   return int(np.searchsorted(e, cfg["energy"] * e[-1] * (1 - 1e-12)) + 1)
 
 
-def check_lowrank_config(path: str, shape, cfg: Mapping[str, Any]) -> None:
+def check_lowrank_config(path: str, shape, cfg: Mapping[str, Any],
+                         contract=None) -> None:
   if len(shape) < 2:
     raise CompressionError("low-rank needs an array of rank >= 2", path)
-  m, n = matrix_shape(shape)
+  if contract is not None and (
+      not contract or len(set(contract)) != len(contract)
+      or len(contract) >= len(shape)
+      or any(not 0 <= a < len(shape) for a in contract)):
+    raise CompressionError(
+        f"contraction axes {tuple(contract)} must be distinct axes of shape "
+        f"{tuple(shape)} leaving an output axis; calibrate this param's own "
+        "matmul", path)
+  m, n = matrix_shape(shape, contract)
   given = [k for k in ("rank", "rank_ratio", "energy") if cfg.get(k) is not None]
   if len(given) != 1:
     raise CompressionError("give exactly one of rank, rank_ratio, energy "

@@ -37,7 +37,8 @@ Numerics (float32, Precision.HIGHEST matmuls, on device):
     the true one; measured against a float64 reference the data-aware loss
     agrees to ~1e-7 relative even with diag G spanning 1e12 (K = 256).
     float64 would need jax_enable_x64 or a host round trip of every layer.
-Not included: the paper's post-truncation parameter update (sequential
+Multi-axis kernels factor their (K, N) view over the statistics'
+contraction, as in ASVD (`asvd.py`). Not included: the paper's post-truncation parameter update (sequential
 low-rank LoRA fine-tuning), which needs training.
 """
 
@@ -53,10 +54,11 @@ import numpy as np
 from compressjax.core import transform as transform_lib
 from compressjax.core.errors import CompressionError
 from compressjax.core import rules as rules_lib
+from compressjax.core.lowrank import lowrank_layout
 from compressjax.lowrank.asvd import (check_features, lowrank_leaf, layer_stats,
                                       reject_compressed)
 from compressjax.lowrank.svd import (LowRankOptions, check_lowrank_config,
-                                     choose_rank, matrix_shape)
+                                     choose_rank)
 
 JITTER = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)  # relative to unit diag
 _HP = jax.lax.Precision.HIGHEST
@@ -104,17 +106,21 @@ def whitening(gram, path: str = "<array>"
 
 
 def svd_llm_factorize(w, gram, *, rank=None, rank_ratio=None, energy=None,
-                      residual: bool = False, path: str = "<array>"):
-  """SVD-LLM of a Flax kernel w (K_in, N_out) given gram = X^T X (K_in^2)."""
+                      residual: bool = False, contract=None,
+                      path: str = "<array>"):
+  """SVD-LLM of a Flax kernel w (K_in, N_out) given gram = X^T X (K_in^2);
+  or of any kernel's (K, N) view over its `contract`ed axes (statistics'
+  `LayerStats.contract`; None: every axis but the last)."""
   w = jnp.asarray(w)
   SvdLlmOptions(rank=rank, rank_ratio=rank_ratio, energy=energy,
                 residual=residual)  # types and ranges
   cfg = dict(rank=rank, rank_ratio=rank_ratio, energy=energy)
-  check_lowrank_config(path, w.shape, cfg)
+  check_lowrank_config(path, w.shape, cfg, contract)
   gram = jnp.asarray(gram)
-  check_features(path, w.shape, gram.shape[:1], "gram")
-  m, n = matrix_shape(w.shape)
-  x = w.astype(jnp.float32).reshape(m, n)
+  check_features(path, w.shape, gram.shape[:1], "gram", contract)
+  lay = lowrank_layout(w.shape, contract)
+  m, n = lay.k, lay.n
+  x = lay.to_matrix(w.astype(jnp.float32))
   d, lh, _ = whitening(gram, path)
   # L^T W = L_hat^T (D W): the whitened weight, whose tail is the loss
   mw = jnp.matmul(lh.T, d[:, None] * x, precision=_HP)
@@ -125,7 +131,7 @@ def svd_llm_factorize(w, gram, *, rank=None, rank_ratio=None, energy=None,
   a = jsl.solve_triangular(lh, u[:, :r] * root, lower=True, trans="T")
   a = (a / d[:, None]).astype(w.dtype)
   b = (root[:, None] * vt[:r]).astype(w.dtype)
-  return lowrank_leaf(w, x, a, b, residual)
+  return lowrank_leaf(w, x, a, b, residual, lay.contract)
 
 
 @rules_lib.options
@@ -147,13 +153,15 @@ def svd_llm(stats: Mapping[str, Any], *, options, rules,
 
   def leaf(path, w, cfg, state):
     reject_compressed(path, w)
-    return svd_llm_factorize(w, layer_stats(stats, path).gram, path=path,
+    st = layer_stats(stats, path)
+    return svd_llm_factorize(w, st.gram, path=path, contract=st.contract,
                              **cfg)
 
   def check(path, w, cfg):
-    check_lowrank_config(path, w.shape, cfg)
-    check_features(path, w.shape, np.shape(layer_stats(stats, path).gram)[:1],
-                    "gram")
+    st = layer_stats(stats, path)
+    check_lowrank_config(path, w.shape, cfg, st.contract)
+    check_features(path, w.shape, np.shape(st.gram)[:1], "gram",
+                   st.contract)
 
   return transform_lib.leaf_transform("svd_llm", options, leaf, check, rules,
                                       default)

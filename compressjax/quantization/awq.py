@@ -38,6 +38,12 @@ paper: 4 bits, groups of 128 inputs, zero point (asymmetric), 20 grid points,
 max shrink 0.5 over 20 steps. The weights are the same QArrays round-to-nearest
 produces (`quantize_array`), so any integer bit width or element format works.
 
+Multi-axis kernels (DenseGeneral / Einsum, e.g. (heads, head_dim, d)
+contracting (0, 1)): everything above is on the kernel's (K, N) view over
+the statistics' contraction (the view GPTQ and Wanda use; `scaling`'s module
+doc): s has one entry per contracted element, the searches run on the view,
+and the QArray keeps the contraction (its storage is that view's RTN).
+
 Deviations: a channel that never fires (mean |x_j| = 0) has its mean floored
 at 1e-6 of the largest one (relative, instead of the reference's absolute
 clamp of s at 1e-4, so AWQ is invariant to rescaling X). The reference skips
@@ -57,6 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from compressjax.core import transform as transform_lib
+from compressjax.core.contraction import MatrixLayout
 from compressjax.core.errors import CompressionError
 from compressjax.core import rules as rules_lib
 from compressjax.core.format import Format
@@ -204,14 +211,17 @@ def _clip_errors_impl(w, gram, *, q, shrinks):
 _clip_errors = jax.jit(_clip_errors_impl, static_argnames=("q", "shrinks"))
 
 
-@functools.partial(jax.jit, static_argnames=("q", "shrinks"))
-def _quantize_scaled(w, gram, scale, *, q, shrinks):
-  """Clip search on w = diag(s) W against the Gram of x / s, then RTN."""
+@functools.partial(jax.jit, static_argnames=("q", "shrinks", "lay"))
+def _quantize_scaled(w, gram, scale, *, q, shrinks, lay: MatrixLayout):
+  """Clip search on the (K, N) view of w = diag(s) W against the Gram of
+  x / s, then RTN over the same contraction."""
   if len(shrinks) > 1:
-    ratio, _ = _clip_errors_impl(w, gram_of_scaled(gram, scale), q=q,
+    wm = lay.to_matrix(w)
+    ratio, _ = _clip_errors_impl(wm, gram_of_scaled(gram, scale), q=q,
                                  shrinks=shrinks)
-    w = clip_weight(w, ratio, symmetric=dict(q)["symmetric"])
-  return quantize_array(w, **dict(q))
+    w = lay.from_matrix(clip_weight(wm, ratio,
+                                    symmetric=dict(q)["symmetric"]))
+  return quantize_array(w, axis=lay.contract, **dict(q))
 
 
 class ClipSearch(NamedTuple):
@@ -243,15 +253,23 @@ def search_clip(w, gram, *, bits: int = 4, format: str | None = None,
 def awq_quantize(w, gram, scale, *, bits: int = 4, format: str | None = None,
                  group_size: int | None = 128, symmetric: bool = False,
                  max_shrink: float = 0.5, n_clip: int = 20,
-                 path: str = "<array>"):
+                 contract=None, path: str = "<array>"):
   """Quantizes a scaled kernel w = diag(s) W after the clip search, given the
-  Gram of the original input; the result is a `quantize_array` QArray."""
+  Gram of the original input; the result is a `quantize_array` QArray over
+  the `contract`ed axes (None: `core.contraction.default_contract`), whose
+  (K, N) view the Gram (K, K) and scale (K,) are of."""
   q = _qcfg(bits, format, group_size, symmetric)
-  check_quant_config(path, jnp.shape(w), dict(q))
+  _, c = check_quant_config(path, jnp.shape(w), dict(q, axis=contract))
   _check_search(1, max_shrink, n_clip, path)
+  lay = MatrixLayout(tuple(jnp.shape(w)), c)
+  if jnp.shape(gram) != (lay.k, lay.k) or jnp.shape(scale) != (lay.k,):
+    raise CompressionError(
+        f"gram {jnp.shape(gram)} and scale {jnp.shape(scale)} must be over "
+        f"the {lay.k} contracted inputs (axes {c} of shape {lay.shape}); "
+        "pass the statistics' contraction as contract=", path)
   return _quantize_scaled(jnp.asarray(w), jnp.asarray(gram),
                           jnp.asarray(scale), q=q,
-                          shrinks=shrink_grid(max_shrink, n_clip))
+                          shrinks=shrink_grid(max_shrink, n_clip), lay=lay)
 
 
 def _check_search(n_grid, max_shrink, n_clip, path):
@@ -266,8 +284,9 @@ def _check_search(n_grid, max_shrink, n_clip, path):
                            path)
 
 
-def _check_cfg(path, shape, cfg):
-  check_quant_config(path, shape, {k: cfg[k] for k in _QKEYS})
+def _check_cfg(path, shape, contract, cfg):
+  check_quant_config(path, shape, dict({k: cfg[k] for k in _QKEYS},
+                                       axis=contract))
   _check_search(cfg["n_grid"], cfg["max_shrink"], cfg["n_clip"], path)
 
 
@@ -300,14 +319,16 @@ def awq(stats: Mapping[str, Any], *,
   kernel is its own group with an explicit input scale. Rules override any of
   the options per param (n_grid must agree within a group)."""
 
-  def group_scale(g, sel, leaves, configs, st, n_grid):
+  def group_scale(g, sel, mats, configs, st, n_grid):
     qs = [_qcfg(**{k: configs[c][k] for k in _QKEYS}) for c in sel]
-    return _search([leaves[c] for c in sel], qs, st.gram, st.mean_abs,
+    return _search([mats[c] for c in sel], qs, st.gram, st.mean_abs,
                    st.count, n_grid).scale
 
   def finish(path, leaf, cfg, st, s):
-    qa = awq_quantize(consumer_weight(leaf), st.gram, s, path=path, **{
-        k: cfg[k] for k in _QKEYS + ("max_shrink", "n_clip")})
+    qa = awq_quantize(consumer_weight(leaf), st.gram, s, path=path,
+                      contract=tuple(st.contract), **{
+                          k: cfg[k] for k in _QKEYS + ("max_shrink",
+                                                       "n_clip")})
     return with_weight(leaf, qa)
 
   return scale_transform("awq", stats, groups, options=options, rules=rules,

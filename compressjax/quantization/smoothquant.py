@@ -23,6 +23,10 @@ act="int8"), so at run time its input is quantized per token (dynamic) and
 the dispatch multiplies int8 x int8 with int32 accumulation. (With act=None a
 folded consumer is just the QArray: weight-only smoothing.)
 
+Multi-axis kernels (DenseGeneral / Einsum): j runs over the contracted
+elements of the kernel's (K, N) view over the statistics' contraction
+(`scaling`'s module doc); the QArray keeps that contraction.
+
 A channel with max|X_j| = 0 or max|W_j| = 0 gets s_j = 1 (the formula would
 give 0 or inf; the reference clamps at 1e-5, which would blow up such a
 channel should it ever fire).
@@ -68,10 +72,11 @@ def _group_scale(act_max, weights, alpha):
   return smooth_scale(act_max, weight_max(weights), alpha)
 
 
-@functools.partial(jax.jit, static_argnames="bits")
-def _quantize(w, *, bits):
+@functools.partial(jax.jit, static_argnames=("bits", "contract"))
+def _quantize(w, *, bits, contract):
   # symmetric per output channel, s = absmax / (2^(b-1) - 1) as the paper
-  return quantize_array(w, format=IntFormat(bits, narrow_range=True))
+  return quantize_array(w, format=IntFormat(bits, narrow_range=True),
+                        axis=contract)
 
 
 def _check_alpha(path, alpha):
@@ -81,12 +86,13 @@ def _check_alpha(path, alpha):
                            f"{alpha!r}", path)
 
 
-def _check_cfg(path, shape, cfg):
+def _check_cfg(path, shape, contract, cfg):
   _check_alpha(path, cfg["alpha"])
   if cfg["act"] not in ACT_FORMATS:
     raise CompressionError(f"act {cfg['act']!r} is not one of {ACT_FORMATS}",
                            path)
-  check_quant_config(path, shape, dict(bits=cfg["weight_bits"]))
+  check_quant_config(path, shape, dict(bits=cfg["weight_bits"],
+                                       axis=contract))
 
 
 @rules_lib.options
@@ -111,14 +117,15 @@ def smoothquant(stats: Mapping[str, Any], *,
   `awq`; rules override alpha, act, weight_bits per param (alpha must agree
   within a group)."""
 
-  def group_scale(g, sel, leaves, configs, st, alpha):
+  def group_scale(g, sel, mats, configs, st, alpha):
     _check_alpha(sel[0], alpha)
     # every consumer sees x / s, so all of them bound max|W_j|
-    return _group_scale(st.abs_max, tuple(leaves[c] for c in g.consumers),
+    return _group_scale(st.abs_max, tuple(mats[c] for c in g.consumers),
                         jnp.float32(alpha))
 
   def finish(path, leaf, cfg, st, s):
-    qa = _quantize(consumer_weight(leaf), bits=cfg["weight_bits"])
+    qa = _quantize(consumer_weight(leaf), bits=cfg["weight_bits"],
+                   contract=tuple(st.contract))
     return with_weight(leaf, qa, act=cfg["act"])
 
   return scale_transform("smoothquant", stats, groups, options=options,

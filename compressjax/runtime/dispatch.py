@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from compressjax.core.base import materialize
+from compressjax.core.contraction import matrix_operand  # noqa: F401 (API)
 from compressjax.core.input_transform import InputTransform
 from compressjax.core.lowrank import LowRank
 from compressjax.core.pact_input import PactInput
@@ -88,25 +89,6 @@ def _is_matmul(x, leaf, dims) -> bool:
   (lc, rc), (lb, rb) = dims
   return (leaf.ndim == 2 and tuple(lc) == (x.ndim - 1,) and tuple(rc) == (0,)
           and not lb and not rb)
-
-
-def matrix_operand(x, contract: tuple[int, ...], dims):
-  """x as the (M, K) matrix that multiplies a leaf's stored (K, N) matrix
-  when the op contracts exactly `contract` (in any order) and has no batch
-  dimensions; None otherwise. Returns (x_mat, leading shape of the output)."""
-  (lc, rc), (lb, rb) = dims
-  if lb or rb or len(rc) != len(contract) or set(rc) != set(contract):
-    return None
-  pair = dict(zip(rc, lc))
-  order = [pair[a] for a in contract]  # x's axes in the leaf's K order
-  free = [d for d in range(x.ndim) if d not in order]
-  xt = jnp.transpose(x, free + order) if free + order != list(
-      range(x.ndim)) else x
-  lead = tuple(x.shape[d] for d in free)
-  k = 1
-  for d in order:
-    k *= x.shape[d]
-  return xt.reshape(lead + (k,)), lead
 
 
 _KERNELS = ["auto"]
@@ -187,23 +169,28 @@ def _qarray_dot(x, leaf: QArray, dims, out_dtype):
 
 
 def _lowrank_dot(x, leaf: LowRank, dims, out_dtype):
-  if not _is_matmul(x, leaf, dims):
+  """(x_mat @ A) @ B on the leaf's (K, N) view when the op contracts exactly
+  its contraction axes (any kernel rank); the residual through dispatch."""
+  op = matrix_operand(x, leaf.contract, dims)
+  if op is None:
     return None
-  xf = x.astype(jnp.float32)
+  xm, lead = op
   hp = jax.lax.Precision.HIGHEST
-  y = jnp.matmul(jnp.matmul(xf, materialize(leaf.a).astype(jnp.float32),
+  y = jnp.matmul(jnp.matmul(xm.astype(jnp.float32),
+                            materialize(leaf.a).astype(jnp.float32),
                             precision=hp),
                  materialize(leaf.b).astype(jnp.float32), precision=hp)
+  y = y.reshape(lead + leaf.layout.out_shape)
   if leaf.residual is not None:
-    y = y + dot_general(xf, leaf.residual, dims, lhs_leaf=False,
-                        dtype=jnp.float32)
+    y = y + dot_general(x.astype(jnp.float32), leaf.residual, dims,
+                        lhs_leaf=False, dtype=jnp.float32)
   return y.astype(out_dtype)
 
 
 def _is_w8(leaf) -> bool:
-  """int8 symmetric 2-D QArray with one float scale per output channel."""
-  if not (isinstance(leaf, QArray) and leaf.ndim == 2 and
-          tuple(leaf.contract) == (0,) and leaf.zero is None and
+  """int8 symmetric QArray (any contraction: its stored (K, N) matrix) with
+  one float scale per output channel."""
+  if not (isinstance(leaf, QArray) and leaf.zero is None and
           leaf.scale is not None and not isinstance(leaf.scale, QArray) and
           leaf.scale.shape[0] == 1):
     return False
@@ -213,22 +200,30 @@ def _is_w8(leaf) -> bool:
 
 
 def _input_transform_dot(x, leaf: InputTransform, dims, out_dtype):
-  """Transforms x (scale, rotation, per-token quantization), then multiplies
-  by the inner weight through this same dispatch (so a QArray weight keeps its
-  fast path); int8 x int8 with int32 accumulation when both are int8."""
-  if not _is_matmul(x, leaf, dims):
+  """Transforms x's contracted channels (scale, rotation, per-token
+  quantization), then multiplies by the inner weight through this same
+  dispatch (so a QArray weight keeps its fast path); int8 x int8 with int32
+  accumulation when both are int8. Any op contracting exactly the leaf's
+  contraction axes (`InputTransform.operand`)."""
+  op = leaf.operand(x, dims)
+  if op is None:
     return None  # materialized: exact weight, no activation quantizer
-  xt = leaf.transform_input(x)
+  xt, tdims = op
+  lay = leaf.layout
+  lead = xt.shape[:xt.ndim - len(lay.contract)]
   if leaf.act is not None:
-    codes, s = activations.per_token(xt, leaf.act)
+    xm = xt.reshape(lead + (lay.k,))
+    codes, s = activations.per_token(xm, leaf.act)
     if leaf.act == "int8" and _is_w8(leaf.weight):
       impl = {"pallas": pallas_qmm.int8_matmul,
               "xla": xla_matmul.int8_matmul,
               "reference": reference.int8_matmul}[_kernel_choice()]
-      return impl(codes, s, leaf.weight.codes, leaf.weight.scale,
-                  out_dtype=out_dtype)
-    xt = activations.ACTIVATION_FORMATS[leaf.act].decode(codes) * s
-  y = dot_general(xt, leaf.weight, dims, lhs_leaf=False, dtype=jnp.float32,
+      y = impl(codes, s, leaf.weight.codes, leaf.weight.scale,
+               out_dtype=out_dtype)
+      return y.reshape(lead + lay.out_shape)
+    xt = (activations.ACTIVATION_FORMATS[leaf.act].decode(codes) * s
+          ).reshape(xt.shape)
+  y = dot_general(xt, leaf.weight, tdims, lhs_leaf=False, dtype=jnp.float32,
                   preferred_element_type=jnp.float32)
   return y.astype(out_dtype)
 

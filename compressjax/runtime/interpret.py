@@ -380,11 +380,10 @@ def _lazy_eqn(eqn, invals):
         # Observers see the input the stored weight multiplies: for an
         # InputTransform, x after its scale/rotation (calibrating a rotated
         # or smoothed model).
-        x = lhs
-        if isinstance(lazy.leaf, InputTransform) and dims[0][0] == (
-            lhs.ndim - 1,):
-          x = lazy.leaf.transform_input(lhs)
-        lazy.observer(lazy.path, x, dims)
+        x, odims = lhs, dims
+        if isinstance(lazy.leaf, InputTransform):
+          x, odims = lazy.leaf.operand(lhs, dims) or (lhs, dims)
+        lazy.observer(lazy.path, x, odims)
       return dispatch.dot_general(
           lhs.leaf if lazy is lhs else lhs, rhs.leaf if lazy is rhs else rhs,
           dims, lhs_leaf=lazy is lhs, dtype=lazy.dtype, **p)

@@ -152,3 +152,29 @@ def test_errors_name_the_path():
   with pytest.raises(cj.CompressionError,
                      match=r"option rank_ratio=1.5 must be in \(0, 1\]"):
     asvd(stats, rank_ratio=1.5)
+
+
+def test_multi_axis_asvd_is_asvd_on_the_2d_view():
+  # (d, heads, head_dim) factors its (d, heads * head_dim) view, (heads,
+  # head_dim, d) its (heads * head_dim, d) one; cj.run multiplies x @ A @ B.
+  from compressjax.runtime import dispatch
+  from tests import multiaxis as ma
+  x, m, f, sm, sf = ma.setup(0)
+  om = asvd(sm, rank=4).apply(m)
+  of = asvd(sf, rank=4).apply(f)
+  q, o = om["params"]["q"]["kernel"], om["params"]["o"]["kernel"]
+  assert q.contract == (0,) and q.a.shape == (ma.D, 4)
+  assert o.contract == (0, 1) and o.a.shape == (16, 4)
+  w, y, top = ma.compare(om, of, x)
+  assert w <= 1e-6 * top and y <= 1e-5 * top
+  h = np.random.default_rng(1).standard_normal((3, 2, 8)).astype(np.float32)
+  dims = (((1, 2), (0, 1)), ((), ()))
+  got = dispatch._lowrank_dot(jnp.asarray(h), o, dims, jnp.float32)
+  assert got is not None  # the factored path, not a materialization
+  np.testing.assert_allclose(got, np.einsum("bhk,hkd->bd", h,
+                                            np.asarray(o.materialize())),
+                             rtol=1e-5, atol=1e-5)
+  # residual: exact remainder on the multi-axis layout
+  r = asvd(sm, rank=2, residual=True).apply(m)["params"]["v"]["kernel"]
+  np.testing.assert_allclose(r.materialize(), m["params"]["v"]["kernel"],
+                             atol=1e-6)

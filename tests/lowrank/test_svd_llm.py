@@ -164,3 +164,14 @@ def test_errors_name_the_path():
     cj.chain(cj.transforms.quantize(8), svd_llm(stats, rank=2)).apply(w)
   with pytest.raises(cj.CompressionError, match="all zero"):
     svd_llm_factorize(jnp.ones((16, 8)), jnp.zeros((16, 16)), rank=2)
+
+
+def test_multi_axis_svd_llm_is_svd_llm_on_the_2d_view():
+  from tests import multiaxis as ma
+  x, m, f, sm, sf = ma.setup(0)
+  om = svd_llm(sm, rank=4).apply(m)
+  of = svd_llm(sf, rank=4).apply(f)
+  assert om["params"]["o"]["kernel"].contract == (0, 1)
+  assert om["params"]["v"]["kernel"].contract == (0,)
+  w, y, top = ma.compare(om, of, x)
+  assert w <= 1e-6 * top and y <= 1e-5 * top

@@ -371,3 +371,61 @@ def test_errors_name_the_path(lm):
       v["params"]["block_0"]["attn"]["key"]["kernel"], bits=8)
   with pytest.raises(cj.CompressionError, match="float kernel.*key"):
     awq(stats, 4, group_size=16).apply(q)
+
+
+def test_multi_axis_folding_is_exact_and_the_2d_folding():
+  # DenseGeneral kernels (d, heads, head_dim) / (heads, head_dim, d): the
+  # scale lives on the contracted axes; folded into the LayerNorm and into
+  # v's (heads, head_dim) output axes, or explicit (p) with the contraction.
+  from tests import multiaxis as ma
+  x, m, f, sm, sf = ma.setup(0)
+  cm = {p: s.contract for p, s in sm.items()}
+  assert cm["params/o/kernel"] == (0, 1) and cm["params/q/kernel"] == (0,)
+  sel = {f"params/{n}/kernel" for n in ma.KERNELS}
+  gm = plan_groups(m, ma.GROUPS, sel, contracts=cm)
+  gf = plan_groups(f, ma.GROUPS, sel)
+  scales = _random_scales(gf, f, 3, 1.0)
+  om = apply_scales(m, gm, scales, contracts=cm)
+  of = apply_scales(f, gf, scales)
+  t = om["params"]["p"]["kernel"]
+  assert isinstance(t, InputTransform) and t.contract == (0, 1)
+  np.testing.assert_allclose(  # v's bias divided by o's s on (heads, hd)
+      om["params"]["v"]["bias"],
+      np.asarray(m["params"]["v"]["bias"]) / scales[1].reshape(2, 8),
+      rtol=1e-6)
+  w, y, top = ma.compare(om, of, x)
+  assert w == 0.0 and y <= 1e-6 * top
+  assert _rel(cj.run(ma.MULTI, om, x), cj.run(ma.MULTI, m, x)) < 1e-5
+
+
+def test_multi_axis_awq_is_awq_on_the_2d_view():
+  from tests import multiaxis as ma
+  x, m, f, sm, sf = ma.setup(0)
+  t = lambda s: awq(s, 4, group_size=4, n_grid=3, n_clip=2,
+                    groups=ma.GROUPS)
+  om, of = t(sm).apply(m), t(sf).apply(f)
+  p = om["params"]
+  assert p["o"]["kernel"].contract == (0, 1) and p["o"]["kernel"].shape == (
+      2, 8, ma.D)
+  assert p["q"]["kernel"].contract == (0,)
+  assert p["p"]["kernel"].contract == (0, 1)
+  w, y, top = ma.compare(om, of, x)
+  assert w <= 1e-6 * top and y <= 1e-5 * top
+
+
+def test_multi_axis_bad_groups_name_the_param_and_fix():
+  from tests import multiaxis as ma
+  x, m, f, sm, sf = ma.setup(0)
+  # o contracts (heads, head_dim) = (2, 8): a LayerNorm of d = 12 cannot
+  # produce its input
+  bad = ScaleGroup(("params/o/kernel",), "norm",
+                   ("params/ln/scale", "params/ln/bias"))
+  with pytest.raises(cj.CompressionError,
+                     match=r"contracted shape \(2, 8\).*producer=None.*"
+                     "params/ln/scale"):
+    awq(sm, 4, group_size=4, groups=[bad]).init(m)
+  mixed = ScaleGroup(("params/q/kernel", "params/o/kernel"))
+  with pytest.raises(cj.CompressionError,
+                     match=r"contracted shapes must agree.*different groups"
+                     ".*params/o/kernel"):
+    awq(sm, 4, group_size=4, groups=[mixed]).init(m)

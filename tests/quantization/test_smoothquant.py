@@ -247,3 +247,19 @@ def test_errors_name_the_path(lm):
                 rules=[(r".*key/kernel", dict(alpha=0.8))]).apply(v)
   with pytest.raises(cj.CompressionError, match="act"):
     smoothquant(stats, act="int4").init(v)
+
+
+def test_multi_axis_smoothquant_is_smoothquant_on_the_2d_view():
+  # DenseGeneral kernels: s on the contracted axes, W8A8 through cj.run
+  # (per-token int8 over the flattened contraction) as the 2-D model's.
+  from tests import multiaxis as ma
+  x, m, f, sm, sf = ma.setup(0)
+  om = smoothquant(sm, groups=ma.GROUPS).apply(m)
+  of = smoothquant(sf, groups=ma.GROUPS).apply(f)
+  p = om["params"]
+  assert all(p[n]["kernel"].act == "int8" for n in ma.KERNELS)
+  assert p["o"]["kernel"].contract == (0, 1)
+  assert p["o"]["kernel"].weight.contract == (0, 1)
+  assert p["p"]["kernel"].scale is not None  # explicit: no producer
+  w, y, top = ma.compare(om, of, x)
+  assert w <= 1e-6 * top and y <= 1e-5 * top
