@@ -18,9 +18,10 @@ Quantization", eq. 21-24): with the scale s fixed,
   away from the nearest, so that rounding h at step 0 gives the start's
   codes exactly (RTN: the paper's init). Here the error is divided by the
   start's and the regularizer is a mean over the weights, so one lambda
-  (10) fits every layer; with ~2k rather than the paper's 10-20k iterations, Adam's
-  lr is 1e-2 (on a random layer lambda 10-30 binarizes h fully by the end
-  and halves-to-thirds the error gap lambda 0.1-1 leaves).
+  (10) fits every layer; with ~2k rather than the paper's 10-20k
+  iterations, Adam's lr is 1e-2 (on a random layer lambda 10-30 binarizes
+  h fully by the end and halves-to-thirds the error gap lambda 0.1-1
+  leaves).
 OmniQuant learnable weight clipping (Shao et al. 2023, eq. 2, symmetric
 form): s = sigmoid(g) * s0 per scale group, s0 the starting scale (RTN's
 absmax / q_max, or GPTQ's), g initialized to 4 (sigmoid ~ 0.982),
