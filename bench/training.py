@@ -60,7 +60,9 @@ Adapters and reconstruction (issue 14):
      (`train.reconstruct` per layer from one-shot calibration, the
      experiment's calibration windows), --recon-iters per phase, head int8
      per channel: int3 g128 AdaRound and
-     LWC + AdaRound vs GPTQ int3 g128 (goal: lower); int2 g64 vs RTN int2
+     LWC + AdaRound vs GPTQ int3 g128 (goal: lower; with --recon-seeds N,
+     GPTQ and LWC + AdaRound on N calibration draws, paired: lower by more
+     than 2 standard errors); int2 g64 vs RTN int2
      g64 (goal: at most half of RTN's perplexity; unreachable once RTN is
      below twice the float perplexity, so also: the gap to float at most
      half of RTN's gap).
@@ -127,6 +129,7 @@ GOALS = {
     "loftq_minus_standard_start_ppl_int2": ("<", 0.0),
     "loftq_minus_standard_start_ppl_int3": ("<", 0.0),
     "adaround_int3_minus_gptq_int3_ppl": ("<", 0.0),
+    "lwc_adaround_int3_minus_gptq_int3_paired_z": ("<", -2.0),
     "recon_int2_over_rtn_int2_ppl": ("<=", 0.5),
     "recon_int2_gap_over_rtn_int2_gap": ("<=", 0.5),
     "qat_default_minus_best_other_mean_ppl": ("<=", 0.0),
@@ -595,7 +598,33 @@ def _reconstruct_quality(a, ctx, ppl, log):
              f"{out['lwc_adaround_int2_g64']['ppl']:.3f} and RTN "
              f"{out['int2_g64']['ppl']:.3f} over float {fl:.3f}"),
   ]
-  return dict(iters=a.recon_iters, rows=out), figs
+  paired = None
+  if a.recon_seeds > 1:
+    # GPTQ vs LWC + AdaRound int3 over calibration draws (seeds c.calib.seed
+    # + i, the first being the run above), paired by draw
+    per = {k: [out[k]["ppl"]] for k in ("gptq_int3_g128",
+                                        "lwc_adaround_int3_g128")}
+    seed0 = c.calib.seed
+    try:
+      for i in range(1, a.recon_seeds):
+        c.calib.seed = seed0 + i
+        cx = harness.Context(c, ctx.task, ctx.workdir, ctx.log)
+        for k in per:
+          per[k].append(ppl(rows.make(k, c).compress(cx)))
+        log(f"calibration seed {c.calib.seed}: " + ", ".join(
+            f"{k} {v[-1]:.4f}" for k, v in per.items()))
+    finally:
+      c.calib.seed = seed0
+    d = (np.asarray(per["lwc_adaround_int3_g128"]) -
+         np.asarray(per["gptq_int3_g128"]))
+    se = float(d.std(ddof=1) / np.sqrt(len(d)))
+    paired = dict(runs=per, mean_diff=float(d.mean()), std_err=se)
+    figs.append(figure(
+        "lwc_adaround_int3_minus_gptq_int3_paired_z", float(d.mean()) / se,
+        f"{d.mean():+.4f} +- {se:.4f} over {len(d)} calibration draws "
+        f"(means {np.mean(per['lwc_adaround_int3_g128']):.4f} vs "
+        f"{np.mean(per['gptq_int3_g128']):.4f})"))
+  return dict(iters=a.recon_iters, rows=out, calib_seeds=paired), figs
 
 
 def _qwix_like_tree(ctx, f, seed):
@@ -717,6 +746,9 @@ def main():
   ap.add_argument("--rank", type=int, default=8, help="adapter rank")
   ap.add_argument("--adapter-lr", type=float, default=1e-3)
   ap.add_argument("--recon-iters", type=int, default=2000)
+  ap.add_argument("--recon-seeds", type=int, default=1,
+                  help="reconstruct: calibration draws for the paired "
+                  "GPTQ vs LWC + AdaRound int3 comparison")
   ap.add_argument("--qat-seeds", type=int, default=3)
   ap.add_argument("--workdir", default="runs/default",
                   help="holds the cached float baseline")
