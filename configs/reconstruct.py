@@ -14,6 +14,9 @@ then the mean over calibration seeds 1-5; seconds on 2 loaded cores):
   below GPTQ on every draw (paired -0.038 +- 0.008 s.e.). From GPTQ's
   result: AdaRound at its codes 5.424, LWC + AdaRound 5.392. 5000 / 10000
   steps: LWC + AdaRound 5.361 / 5.389 (not monotone: no gain shown).
+  Sequential (calibrate.sequential) LWC + AdaRound 5.392 (102 s); block
+  objective (reconstruct_blocks, 300 steps): AdaRound from GPTQ 5.432 (149
+  s), LWC + AdaRound from RTN 5.447 (312 s).
   int2 g64: RTN 8.652, GPTQ 5.904, AdaRound 5.697, LWC + AdaRound 5.612
   (0.65 x RTN; its gap to float is 9% of RTN's).
 """
