@@ -589,21 +589,37 @@ def _lora_int(name, c, init, bits, group, rank):
           rules=_adapter_head(ctx, bits))[0], _TRAIN)
 
 
-_RECON = {"adaround": "AdaRound (learned rounding, RTN scales)",
+_RECON = {"adaround": "AdaRound (learned rounding)",
           "lwc": "OmniQuant learnable weight clipping",
           "lwc_adaround": "OmniQuant clipping, then AdaRound with it"}
 
 
-@family(r"(?P<method>adaround|lwc|lwc_adaround)_int(?P<bits>\d+)_g"
-        r"(?P<group>\d+)", "adaround_int3_g128")
-def _reconstruct(name, c, method, bits, group):
+def _recon_start(init, method) -> str:
+  if init is None:
+    return "from RTN"
+  return ("from GPTQ's result (same groups, one-shot): " +
+          ("its scales and codes" if method == "adaround" else
+           "its scales, clipped by LWC, AdaRound from those codes"
+           if method == "lwc_adaround" else "its scales"))
+
+
+@family(r"(?:(?P<init>gptq)_)?(?P<method>adaround|lwc|lwc_adaround)_int"
+        r"(?P<bits>\d+)_g(?P<group>\d+)", "adaround_int3_g128")
+def _reconstruct(name, c, init, method, bits, group):
   _bits(name, bits)
   it = c.reconstruct.iters
+
+  def build(ctx):
+    start = None
+    if init == "gptq":
+      start = gptq(ctx.stats, bits, group_size=group,
+                   rules=head_rules(ctx, bits)).apply(ctx.baseline)
+    return reconstruct.reconstruct(
+        ctx.stats, bits, group_size=group, method=method.replace("_", "+"),
+        iters=it, init=start, rules=_reconstruct_head(ctx, bits))
+
   return Row(
-      name, f"{_RECON[method]} int{bits}, groups of {group}, from RTN: each "
-      f"layer's output error on one-shot calibration, {it} Adam steps per "
-      f"phase{_head_note(c, bits)} (learned too)",
-      lambda ctx: reconstruct.reconstruct(
-          ctx.stats, bits, group_size=group,
-          method=method.replace("_", "+"), iters=it,
-          rules=_reconstruct_head(ctx, bits)), _STATS)
+      name, f"{_RECON[method]} int{bits}, groups of {group}, "
+      f"{_recon_start(init, method)}: each layer's output error on one-shot "
+      f"calibration, {it} Adam steps per phase{_head_note(c, bits)} "
+      "(learned too)", build, _STATS)

@@ -110,3 +110,17 @@ def test_adaround_row_keeps_rtn_scales_and_lowers_layer_errors(ctx):
       d = w - np.asarray(x.materialize(), np.float64)
       return float(np.sum(d * (h @ d)))
     assert err(q) < err(r), p
+
+
+def test_gptq_adaround_row_starts_from_gptq(ctx):
+  c = ctx.config
+  row = rows.make("gptq_adaround_int3_g32", c)
+  assert "from GPTQ" in row.description and row.needs == {"stats"}
+  ada = _kernels(row.compress(ctx))
+  g = _kernels(rows.make("gptq_int3_g32", c).compress(ctx))
+  assert ada.keys() == g.keys()
+  for p, q in ada.items():
+    # GPTQ's scales kept; each code GPTQ's or one step from it
+    np.testing.assert_array_equal(np.asarray(q.scale), np.asarray(g[p].scale))
+    d = np.abs(np.asarray(q.code_values()) - np.asarray(g[p].code_values()))
+    assert d.max() <= 1, p

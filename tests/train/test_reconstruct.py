@@ -15,7 +15,7 @@ import pytest
 
 import compressjax as cj
 from compressjax.calibrate import capture
-from compressjax.core.qarray import QArray
+from compressjax.core.qarray import QArray, pack_codes
 from compressjax.quantization.gptq import gptq
 from compressjax.quantization.rtn import quantize_array
 from compressjax.train import reconstruct as R
@@ -45,7 +45,7 @@ def test_rectified_sigmoid_and_init_against_numpy():
   def parts(w):
     start = quantize_array(w, 3, group_size=16)
     s = start.scale_values()
-    v = R._init_v(w, s)
+    v = R._init_v(R._kernel(w, start), s)
     return s, v, R._rect_sigmoid(v), R.soft_weight(R._kernel(w, start),
                                                    {"v": v})
 
@@ -53,8 +53,9 @@ def test_rectified_sigmoid_and_init_against_numpy():
   u = w / np.repeat(s, 16, axis=0)
   frac = u - np.floor(u)
   h = np.clip(1 / (1 + np.exp(-np.asarray(v, np.float64))) * 1.2 - 0.1, 0, 1)
-  # (away from integer u, where float32 division may land on either side)
-  inner = (frac > 1e-3) & (frac < 1 - 1e-3)
+  # (away from integer u, where float32 division may land on either side,
+  # and from ties, where h stays on the side RTN rounded to)
+  inner = (frac > 1e-3) & (frac < 1 - 1e-3) & (np.abs(frac - 0.5) > 1e-3)
   assert inner.mean() > 0.9  # each group's absmax weight is on the grid
   np.testing.assert_allclose(h[inner], frac[inner], atol=2e-4)
   np.testing.assert_allclose(h_jax, h, atol=1e-5)
@@ -64,6 +65,51 @@ def test_rectified_sigmoid_and_init_against_numpy():
   lo, hi = np.repeat(s, 16, axis=0) * -4, np.repeat(s, 16, axis=0) * 3
   np.testing.assert_allclose(soft, np.clip(w, lo, hi), atol=1e-5)
   assert np.mean((w >= lo) & (w <= hi)) > 0.9
+
+
+def _moved_start(w, seed=3):
+  """An int3 g16 start that is not RTN: RTN's scales, codes moved by -2..2
+  (as GPTQ's error feedback moves some), clipped to the grid."""
+  rtn = quantize_array(w, 3, group_size=16)
+  r = np.random.default_rng(seed)
+  c = np.asarray(rtn.code_values()) + r.choice(
+      [-2, -1, 0, 0, 0, 1, 2], size=w.shape)
+  c = np.clip(c, -4, 3).astype(np.float32)
+  return dataclasses.replace(rtn, codes=pack_codes(
+      rtn.fmt.encode(jnp.asarray(c)), 3)), c
+
+
+def test_adaround_starts_at_the_init_codes_against_numpy():
+  w, x = _layer()
+  start, c0 = _moved_start(w)
+  k = R._kernel(jnp.asarray(w), start)
+  v = R._init_v(k, k.s0)
+  # rounding h at iteration 0 gives the start's codes exactly
+  np.testing.assert_array_equal(
+      np.asarray(R.export_kernel(k, {"v": v}).code_values()), c0)
+  # h(V): W / s - base, mirrored where the start's code is not the nearest
+  # of the pair (base, base + 1) next to it on W's side
+  s = np.repeat(np.asarray(start.scale_values(), np.float64), 16, axis=0)
+  u = w / s
+  base = np.clip(np.floor(u), c0 - 1, c0)
+  up = c0 - base
+  frac = np.clip(u - base, 0, 1)
+  ref = np.where(up > 0, np.maximum(frac, 1 - frac),
+                 np.minimum(frac, 1 - frac))
+  assert np.mean(np.abs(c0 - np.round(u)) > 1) > 0.1  # moved beyond the pair
+  h = np.clip(1 / (1 + np.exp(-np.asarray(v, np.float64))) * 1.2 - 0.1, 0, 1)
+  inner = (ref > 1e-3) & (ref < 1 - 1e-3) & (np.abs(ref - 0.5) > 1e-3)
+  np.testing.assert_allclose(h[inner], ref[inner], atol=2e-4)
+  # the error reported at the start is the start's own
+  qa, facts = R.reconstruct_layer(w, x.T @ x, len(x), start,
+                                  method="adaround", **KW)
+  np.testing.assert_allclose(facts["start_error"],
+                             _err(w, start.materialize(), x), rtol=1e-4)
+  # learned codes stay in the pair: the start's code or its neighbour
+  # towards W / s
+  got = np.asarray(qa.code_values())
+  assert np.all((got == np.clip(base, -4, 3)) |
+                (got == np.clip(base + 1, -4, 3)))
 
 
 @pytest.mark.parametrize("method, most", [
