@@ -112,6 +112,7 @@ def get_config() -> ml_collections.ConfigDict:
                "sparsegpt_2_4+int4,wanda_50,wanda_2_4,asvd,svd_llm,"
                "svd_llm+int4_res,awq_int4_g128,awq_int3_g128,"
                "smoothquant_w8a8,rotation_gptq_int4_g128,"
-               "rotation_gptq_int3_g128,float32_ft,qat_int4_g128,qat_ternary,"
+               "rotation_gptq_int3_g128,lwc_adaround_int3_g128,float32_ft,"
+               "qat_int4_g128,qat_ternary,qlora_nf4_r8,loftq_int2_g64_r8,"
                "kd_2_4,rigl_90,gmp_90")
   return c

@@ -42,5 +42,6 @@ def get_config():
   c.finetune.update_every = 5
   c.finetune.prune_every = 5
   c.finetune.log_every = 10
+  c.reconstruct.iters = 100        # compilation dominates at this size
   c.methods = tiny_methods(c.methods)
   return c

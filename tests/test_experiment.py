@@ -286,7 +286,7 @@ def test_default_rows_fit_default_model():
     else:
       t.init(variables)
     built += 1
-  assert built == 30
+  assert built == 31
 
 
 def test_rows_refuse_what_the_task_lacks(run):
