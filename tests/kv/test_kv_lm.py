@@ -103,11 +103,11 @@ def test_needle_prompts_are_solved_by_retrieval():
   assert (pred[vals] == w[1:][vals]).all()
 
 
-
 def test_copy_windows_repeat_a_string_of_distinct_symbols():
   # Every copy window repeats its string at least twice (period <= half
   # the window), so the induction oracle predicts every byte of the
-  # repeats after their first; periods vary (a fixed one is solved positionally).
+  # repeats after their first; periods vary (a fixed one is solved
+  # positionally).
   rng = np.random.default_rng(0)
   periods = set()
   for length in (64, 256):
@@ -123,6 +123,7 @@ def test_copy_windows_repeat_a_string_of_distinct_symbols():
       assert (pred[h + 1:] == w[h + 2:]).all()  # after the first repeat
       periods.add(h)
   assert len(periods) > 10
+
 
 def test_stream_nll_is_the_forward_until_the_budget_binds():
   m, v = _tiny()
