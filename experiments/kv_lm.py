@@ -60,7 +60,7 @@ from experiments import lm_task
 Config = ml_collections.ConfigDict
 Log = Callable[[str], None]
 
-CACHE_VERSION = 3  # 3: distinct symbols per needle / copy period
+CACHE_VERSION = 4  # 4: copy phase in short windows, large batches
 BOS = 0  # NUL: stdlib_text's document separator, never inside a file
 NEEDLE_KEY_LEN = 5
 NEEDLE_VALUE_LEN = 5
@@ -155,13 +155,14 @@ def training_window(data: np.ndarray, rng: np.random.Generator, length: int,
 
 
 def copy_window(rng: np.random.Generator, length: int) -> np.ndarray:
-  """length + 1 tokens: BOS, then a string of 8-64 distinct needle symbols
-  repeated: the task on which induction heads (Olsson et al. 2022) form,
-  which text with sparse needles did not give. The period varies (a fixed
+  """length + 1 tokens: BOS, then a string of 4-64 (at most length / 2)
+  distinct needle symbols repeated: the task on which induction heads
+  (Olsson et al. 2022) form, which text with sparse needles did not give.
+  The period varies (a fixed
   one is solved by a head at a fixed relative position, which RoPE makes
   easy, and does not retrieve) and symbols do not repeat within it (else
   the byte after a symbol is ambiguous)."""
-  h = int(rng.integers(8, min(len(NEEDLE_ALPHABET), length) + 1))
+  h = int(rng.integers(4, min(len(NEEDLE_ALPHABET), length // 2) + 1))
   s = rng.choice(NEEDLE_ALPHABET, h, replace=False)
   w = np.concatenate([[BOS], np.tile(s, length // h + 1)])[:length + 1]
   return w.astype(np.int32)
@@ -212,31 +213,39 @@ def train_llama(c: Config, model, train_data: np.ndarray, log: Log):
   rng = np.random.default_rng([c.seed, 11])
   n = sum(x.size for x in jax.tree.leaves(params))
   log(f"training the RoPE Llama: {n:,} params, {m.copy_steps} steps of "
-      f"copying random strings, then {m.steps - m.copy_steps} steps of text "
-      f"({m.needle_fraction:.0%} of text windows with needles, "
-      f"{m.copy_fraction:.0%} copy windows), {m.batch_size}x{m.seq_len} "
-      "bytes")
-  probe = needle_prompts(c, train_data, 128)
-  probe_seq = jnp.asarray(np.concatenate(probe[:2], axis=1))
-  probe_fn = jax.jit(lambda p: model.apply({"params": p}, probe_seq))
+      f"copying random strings ({m.copy_batch_size}x{m.copy_seq_len}), then "
+      f"{m.steps - m.copy_steps} steps of text ({m.needle_fraction:.0%} of "
+      f"text windows with needles, {m.copy_fraction:.0%} copy windows), "
+      f"{m.batch_size}x{m.seq_len} bytes")
+  probes = {}
+  for ctx in (128, m.seq_len):
+    p, a, _ = needle_prompts(c, train_data, ctx)
+    probes[ctx] = (jnp.asarray(np.concatenate([p, a], axis=1)), a)
+  probe_fn = jax.jit(lambda p, x: model.apply({"params": p}, x))
   start, losses, first = time.time(), [], None
   for i in range(1, m.steps + 1):
-    copy = 1.0 if i <= m.copy_steps else m.copy_fraction
-    batch = np.stack([copy_window(rng, m.seq_len) if rng.random() < copy
-                      else training_window(train_data, rng, m.seq_len,
-                                           m.needle_fraction)
-                      for _ in range(m.batch_size)])
+    if i <= m.copy_steps:  # short windows, large batches: see configs/kv.py
+      batch = np.stack([copy_window(rng, m.copy_seq_len)
+                        for _ in range(m.copy_batch_size)])
+    else:
+      batch = np.stack([copy_window(rng, m.seq_len)
+                        if rng.random() < m.copy_fraction
+                        else training_window(train_data, rng, m.seq_len,
+                                             m.needle_fraction)
+                        for _ in range(m.batch_size)])
     params, state, loss = step(params, state, batch)
     losses.append(loss)
     if i == 1:
       first = float(loss)
-    if i % m.log_every == 0 or i == m.steps:
-      pred = needle_teacher_forced(np.asarray(probe_fn(params)), probe[1])
-      log(f"  step {i:5d}  loss {float(np.mean(jax.device_get(losses))):.4f}"
-          f"  needle (teacher-forced, training text) {pred.all(1).mean():.2f}"
-          f" (bytes {pred.mean():.2f})  "
-          f"{time.time() - start:6.0f}s")
+    if i % m.log_every == 0 or i == m.steps or i == m.copy_steps:
+      acc = []
+      for ctx, (seq, ans) in probes.items():
+        pred = needle_teacher_forced(np.asarray(probe_fn(params, seq)), ans)
+        acc.append(f"{ctx}: {pred.all(1).mean():.2f} ({pred.mean():.2f})")
       last, losses = float(np.mean(jax.device_get(losses))), []
+      log(f"  step {i:5d}  loss {last:.4f}  needle (teacher-forced, "
+          f"training text; whole (bytes)) {', '.join(acc)}  "
+          f"{time.time() - start:6.0f}s")
   stats = dict(steps=m.steps, seconds=round(time.time() - start, 1),
                first_loss=first, final_train_loss=last, n_params=int(n))
   return {"params": params}, stats

@@ -103,6 +103,28 @@ def test_needle_prompts_are_solved_by_retrieval():
   assert (pred[vals] == w[1:][vals]).all()
 
 
+def test_copy_windows_repeat_a_string_of_distinct_symbols():
+  # Every copy window repeats its string at least twice (period <= half
+  # the window), so the induction oracle predicts every byte of the
+  # repeats after their first; periods vary (a fixed one is solved
+  # positionally).
+  rng = np.random.default_rng(0)
+  periods = set()
+  for length in (64, 256):
+    for _ in range(20):
+      w = kv_lm.copy_window(rng, length)
+      assert len(w) == length + 1 and w[0] == kv_lm.BOS
+      body = w[1:]
+      h = next(i for i in range(1, length) if body[i] == body[0])
+      assert 4 <= h <= length // 2 and len(set(body[:h])) == h
+      assert set(body) <= set(kv_lm.NEEDLE_ALPHABET)
+      assert (body[h:] == body[:-h]).all()
+      pred = _induction_logits(w[None, :-1])[0].argmax(-1)
+      assert (pred[h + 1:] == w[h + 2:]).all()  # after the first repeat
+      periods.add(h)
+  assert len(periods) > 10
+
+
 def test_stream_nll_is_the_forward_until_the_budget_binds():
   m, v = _tiny()
   toks = np.random.default_rng(1).integers(1, 256, (2, 12)).astype(np.int32)
