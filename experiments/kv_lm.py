@@ -36,7 +36,6 @@ cache-specific ones) and results.png (quality vs cache size per policy).
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import functools
 import hashlib
@@ -483,76 +482,41 @@ def byte_baseline(c: Config, workdir: str, log: Log):
   return model, variables, stats
 
 
-# Threads for a row's independent evaluations: on CPU, XLA compiles one
-# program on one core while another program runs (compilation is most of a
-# row's time), and each program's results do not depend on what else runs.
-EVAL_WORKERS = max(1, min(4, os.cpu_count() or 1))
-
-
-def _run_tasks(tasks: dict[str, Callable[[], Any]], workers: int) -> dict:
-  """Every task's result, `workers` at a time (in the given order)."""
-  if workers <= 1:
-    return {k: f() for k, f in tasks.items()}
-  with concurrent.futures.ThreadPoolExecutor(workers) as ex:
-    futures = {k: ex.submit(f) for k, f in tasks.items()}
-    return {k: f.result() for k, f in futures.items()}
-
-
-def evaluate_row(row: CacheRow, c: Config, ctx: dict, log: Log,
-                 workers: int | None = None) -> dict:
-  """Every measurement of one row (see the module docstring). The quality
-  evaluations (and the speed programs' compilation) run `workers` at a time
-  (default EVAL_WORKERS); the throughput runs alone afterwards."""
+def evaluate_row(row: CacheRow, c: Config, ctx: dict, log: Log) -> dict:
+  """Every measurement of one row (see the module docstring)."""
   out: dict[str, Any] = {}
   t0 = time.time()
-  workers = EVAL_WORKERS if workers is None else workers
+  if "byte" in ctx:
+    model, variables, windows = ctx["byte"]
+    seq = windows.shape[1] - 1
+    out["byte_val_ppl"], _ = perplexity(model, variables, windows,
+                                        row.spec(seq, False), seq)
   model, variables = ctx["llama"]
   seq = c.llama.seq_len
   spec = row.spec(seq, True)
+  out["val_ppl"], _ = perplexity(model, variables, ctx["llama_windows"],
+                                 spec, seq)
   streams = ctx["streams"]
-  speed = []
-  if row.name in ctx["speed_rows"]:
-    new = c.speed.new_tokens
-    for b in [int(x) for x in str(c.speed.batches).split(",")]:
-      prompts = ctx["speed_prompts"][:b]
-      speed.append((b, row.spec(prompts.shape[1] + new, True), prompts))
-  tasks: dict[str, Callable[[], Any]] = {}
-  # Longest compilations first.
-  for context, (prompts, answers, _) in ctx["needles"].items():
-    tasks[f"needle{context}"] = functools.partial(
-        greedy, model, variables, row.spec(context, True), prompts,
-        answers.shape[1])
-  for b, sspec, prompts in speed:  # compiles; timed below, alone
-    tasks[f"speed{b}"] = functools.partial(greedy, model, variables, sspec,
-                                           prompts, c.speed.new_tokens)
-  tasks["stream"] = functools.partial(perplexity, model, variables, streams,
-                                      spec, streams.shape[1] - 1)
-  tasks["val"] = functools.partial(perplexity, model, variables,
-                                   ctx["llama_windows"], spec, seq)
-  if "byte" in ctx:
-    bmodel, bvars, windows = ctx["byte"]
-    bseq = windows.shape[1] - 1
-    tasks["byte"] = functools.partial(perplexity, bmodel, bvars, windows,
-                                      row.spec(bseq, False), bseq)
-  res = _run_tasks(tasks, workers)
-  if "byte" in ctx:
-    out["byte_val_ppl"] = res["byte"][0]
-  out["val_ppl"] = res["val"][0]
-  nll = res["stream"][1]
+  _, nll = perplexity(model, variables, streams, spec, streams.shape[1] - 1)
   out["stream_ppl"] = float(np.exp(nll.mean()))
   out["stream_ppl_past"] = float(np.exp(nll[:, seq:].mean()))
   accs, hits = {}, []
   for context, (prompts, answers, depths) in ctx["needles"].items():
-    toks, _ = res[f"needle{context}"]
+    toks, _ = greedy(model, variables, row.spec(context, True), prompts,
+                     answers.shape[1])
     ok = np.all(toks == answers, axis=1)
     hits.append(ok)
     accs[str(context)] = {f"{d:g}": float(ok[depths == d].mean())
                           for d in np.unique(depths)}
   out["needle_acc"] = float(np.concatenate(hits).mean())
   out["needle"] = accs
-  for b, sspec, prompts in speed:  # compiled above: the run alone
-    _, r = greedy(model, variables, sspec, prompts, c.speed.new_tokens)
-    out[f"tokens_per_s_b{b}"] = round(r.decode_tokens_per_s, 1)
+  if row.name in ctx["speed_rows"]:
+    new = c.speed.new_tokens
+    for b in [int(x) for x in str(c.speed.batches).split(",")]:
+      prompts = ctx["speed_prompts"][:b]
+      _, res = greedy(model, variables, row.spec(prompts.shape[1] + new,
+                                                 True), prompts, new)
+      out[f"tokens_per_s_b{b}"] = round(res.decode_tokens_per_s, 1)
   out.update(cache_memory(model, spec, seq))
   out["eval_seconds"] = round(time.time() - t0, 1)
   log(f"  {row.name:18s} val ppl {out['val_ppl']:.3f}  stream "
