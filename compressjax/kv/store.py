@@ -430,6 +430,10 @@ class KVCache:
                 window: int | None = None, rotary: Any = None):
     """One layer's step: returns (out (B, T, H, D), store)."""
     self._check(k, v, positions)
+    # An empty store made inside the same jit is a compile-time constant:
+    # XLA then constant-folds reductions over it (seconds per prefill
+    # compile at S x T = 64 x 256). The barrier keeps it a runtime value.
+    self = jax.lax.optimization_barrier(self)
     kh, vh = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
     spec, pol = self.spec, self.spec.policy
     if pol is None:
