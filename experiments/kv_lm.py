@@ -55,7 +55,7 @@ import optax
 from compressjax import kv
 from compressjax.data import stdlib_text
 from compressjax.models import llama, transformer
-from experiments import lm_task
+from experiments import harness, lm_task
 
 Config = ml_collections.ConfigDict
 Log = Callable[[str], None]
@@ -744,21 +744,15 @@ def write_plot(path: str, results: list[dict]) -> None:
 
 
 def main(argv):
-  del argv
-  from absl import flags
-  f = flags.FLAGS
-  run(f.config, f.workdir, log=lambda s: print(s, flush=True))
-  with open(os.path.join(f.workdir, "results.md")) as fh:
+  # pinned XLA flags and <workdir>/jax_cache, as every experiment
+  config, workdir = harness.setup_main(argv)
+  run(config, workdir, log=lambda s: print(s, flush=True))
+  with open(os.path.join(workdir, "results.md")) as fh:
     print(fh.read())
 
 
 if __name__ == "__main__":
-  from absl import app, flags
-  from ml_collections import config_flags
-  config_flags.DEFINE_config_file(
-      "config", os.path.join(os.path.dirname(os.path.dirname(
-          os.path.abspath(__file__))), "configs", "kv.py"),
-      "experiment config (configs/kv.py)")
-  flags.DEFINE_string("workdir", "/tmp/cj_kv", "where results and cached "
-                      "baselines go")
+  from absl import app
+  harness.define_flags(os.path.join(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))), "configs", "kv.py"), "/tmp/cj_kv")
   app.run(main)
