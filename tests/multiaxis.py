@@ -70,14 +70,9 @@ def reshape_like(tree, like):
       lambda p, a: jnp.reshape(a, shapes[p].shape), tree)
 
 
-@functools.lru_cache(maxsize=2)  # shared by the test modules of one run
-def setup(seed: int):
-  """x, the multi-axis params, the same params in 2-D form, and each one's
-  calibration statistics (one batch with outlier channels)."""
-  rng = np.random.default_rng(seed)
-  xs = [(rng.standard_normal((2, T, D)) * np.where(
-      np.arange(D) % 5 == 0, 8.0, 1.0)).astype(np.float32)]
-  flat_shapes = _shapes(FLAT, xs[0])
+def draw_params(rng: np.random.Generator, shapes):
+  """Random params of these shapes, drawn with numpy (no compilation): norm
+  scales near 1, small biases, kernels scaled by 1/sqrt(fan-in)."""
 
   def draw(path, a):
     z = rng.standard_normal(a.shape)
@@ -85,11 +80,21 @@ def setup(seed: int):
       z = 1 + 0.3 * z
     elif path.endswith("bias"):
       z = 0.1 * z
-    else:
+    elif path.endswith("kernel"):
       z = z / np.sqrt(a.shape[0])
     return jnp.asarray(z, a.dtype)
 
-  flat = cj.core.tree.map_with_paths(draw, flat_shapes)
+  return cj.core.tree.map_with_paths(draw, shapes)
+
+
+@functools.lru_cache(maxsize=2)  # shared by the test modules of one run
+def setup(seed: int):
+  """x, the multi-axis params, the same params in 2-D form, and each one's
+  calibration statistics (one batch with outlier channels)."""
+  rng = np.random.default_rng(seed)
+  xs = [(rng.standard_normal((2, T, D)) * np.where(
+      np.arange(D) % 5 == 0, 8.0, 1.0)).astype(np.float32)]
+  flat = draw_params(rng, _shapes(FLAT, xs[0]))
   multi = reshape_like(flat, _shapes(MULTI, xs[0]))
   return (xs[0], multi, flat, capture(MULTI, multi, xs),
           capture(FLAT, flat, xs))

@@ -44,20 +44,9 @@ TINY_GROUPS = (
 def random_params(model, x, seed):
   """Random params of the model's shapes, drawn with numpy (no compilation),
   with nontrivial norm scales and biases."""
-  rng = np.random.default_rng(seed)
-
-  def draw(path, a):
-    z = rng.standard_normal(a.shape)
-    if path.endswith("scale"):
-      z = 1 + 0.3 * z
-    elif path.endswith("bias"):
-      z = 0.1 * z
-    elif path.endswith("kernel"):
-      z = z / np.sqrt(a.shape[0])
-    return jnp.asarray(z, a.dtype)
-
-  shapes = jax.eval_shape(model.init, jax.random.key(0), x)
-  return cj.core.tree.map_with_paths(draw, shapes)
+  from tests import multiaxis as ma
+  return ma.draw_params(np.random.default_rng(seed),
+                        jax.eval_shape(model.init, jax.random.key(0), x))
 
 
 def _rel(a, b):
