@@ -4,6 +4,8 @@ _g{g}) at tiny size, on a random-init baseline: the trees hold what the
 names state, sizes count base + adapters, AdaRound keeps RTN's scales and
 lowers every layer's calibration error below RTN's."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +15,7 @@ import compressjax as cj
 from compressjax.core.tree import leaves_with_paths
 from compressjax.train import adapters
 from configs import adapters as adapters_config
+from configs import default as default_config
 from configs import reconstruct as reconstruct_config
 from configs import smoke
 from experiments import harness, lm_task, rows
@@ -124,3 +127,13 @@ def test_gptq_adaround_row_starts_from_gptq(ctx):
     np.testing.assert_array_equal(np.asarray(q.scale), np.asarray(g[p].scale))
     d = np.abs(np.asarray(q.code_values()) - np.asarray(g[p].code_values()))
     assert d.max() <= 1, p
+
+
+def test_rows_the_tiny_run_leaves_out_are_default_rows():
+  """smoke.TESTED_APART names default rows (at tiny group sizes), so the
+  tiny run's exclusions cannot go stale."""
+  full = re.sub(r"_g(?:64|128)(?=\D|$)", "_g32",
+                default_config.get_config().methods).split(",")
+  assert set(smoke.TESTED_APART) <= set(full)
+  assert not set(smoke.TESTED_APART) & set(
+      smoke.tiny_methods(default_config.get_config().methods).split(","))

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
+from tests.budget import COMPILING_EXAMPLES
 
 from pallas_kernels import layout, reference, xla_matmul
 from tests.pallas_kernels import harness
@@ -54,7 +55,7 @@ def whole_tile_limit(nbytes):
 # 0: every weight scanned in K blocks (large weights); 2**40: every weight
 # dequantized as one tile (small weights)
 @pytest.mark.parametrize("limit", [0, 2**40], ids=["scanned", "whole_tile"])
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=COMPILING_EXAMPLES, deadline=None)
 @given(p=problems())
 def test_blocked_equals_reference(limit, p):
   x, codes, scale, zero, kw = p

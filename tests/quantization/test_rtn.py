@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
+from tests.budget import COMPILING_EXAMPLES
 
 import compressjax as cj
 from compressjax import transforms as T
@@ -20,7 +21,7 @@ def _scale_full(q):
                                       lambda a, b: a + b))
 
 
-@settings(max_examples=12)  # eager ops: each example compiles
+@settings(max_examples=COMPILING_EXAMPLES)  # each example compiles
 @given(bits=st.integers(2, 8), symmetric=st.booleans(),
        gran=st.sampled_from(["tensor", "channel", 4, 8]),
        k=st.sampled_from([8, 16, 24]), n=st.integers(1, 6),

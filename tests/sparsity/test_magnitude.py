@@ -5,12 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
+from tests.budget import COMPILING_EXAMPLES
 
 import compressjax as cj
 from compressjax.sparsity import nm_sparsify
 
 
-@settings(max_examples=12)  # eager ops: each example compiles
+@settings(max_examples=COMPILING_EXAMPLES)  # each example compiles
 @given(nm=st.sampled_from([(1, 2), (2, 4), (1, 4), (3, 4), (2, 8), (4, 8),
                            (5, 16)]),
        rows=st.integers(1, 3), cols=st.integers(1, 5), axis=st.integers(0, 1),
@@ -42,7 +43,7 @@ def test_nm_storage_is_compact():
   assert s.bits_per_weight == pytest.approx(17.0)
 
 
-@settings(max_examples=12)  # eager ops: each example compiles
+@settings(max_examples=COMPILING_EXAMPLES)  # each example compiles
 @given(sparsity=st.floats(0.0, 0.95), seed=st.integers(0, 2**31 - 1))
 def test_unstructured_per_layer_exact_count_keeps_largest(sparsity, seed):
   w = jax.random.normal(jax.random.key(seed), (24, 10))
