@@ -175,19 +175,8 @@ def lm():
   model = tr.TransformerLM(TCFG)
   rng = np.random.default_rng(0)
   toks = rng.integers(0, 256, (4, 16), dtype=np.int32)
-
-  def draw(path, a):  # numpy draws: no compilation for the init
-    z = rng.standard_normal(a.shape)
-    if path.endswith("scale"):
-      z = 1 + 0.3 * z
-    elif path.endswith("bias"):
-      z = 0.1 * z
-    elif path.endswith("kernel"):
-      z = z / np.sqrt(a.shape[0])
-    return jnp.asarray(z, a.dtype)
-
-  v = cj.core.tree.map_with_paths(draw, jax.eval_shape(
-      model.init, jax.random.key(0), toks))
+  from tests import multiaxis as ma  # numpy draws: no compilation for init
+  v = ma.draw_params(rng, jax.eval_shape(model.init, jax.random.key(0), toks))
   batches = [rng.integers(0, 256, (4, 16), dtype=np.int32) for _ in range(3)]
   return model, v, toks, capture(model, v, batches)
 
