@@ -40,7 +40,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import math
 import os
 import re
 import time

@@ -52,7 +52,7 @@ class LowRank(CompressedLeaf):
 
   @property
   def layout(self) -> MatrixLayout:
-    return MatrixLayout(tuple(self.shape), tuple(self.contract))
+    return lowrank_layout(self.shape, self.contract)
 
   @property
   def rank(self) -> int:

@@ -28,7 +28,6 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from compressjax.core import rules as rules_lib
 from compressjax.core import transform as transform_lib

@@ -54,7 +54,6 @@ from compressjax.quantization.rtn import resolve_format
 from compressjax.sparsity.magnitude import (check_sparse_config, nm_from_keep,
                                             sparse_from_mask)
 from compressjax.sparsity.select import keep_top_n_of_m, prune_lowest
-from pallas_kernels import layout
 
 def _predicted_kept(x, d, n: int, m: int):
   """x (rows, cols) with only the weights that the N:M selection would keep

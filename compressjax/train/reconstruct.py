@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import time
 from typing import Any, Callable, ClassVar, Iterable, Literal, Mapping
 
@@ -77,8 +76,7 @@ from compressjax.core.base import CompressedLeaf
 from compressjax.core.errors import CompressionError
 from compressjax.core.qarray import QArray, apply_groups, pack_codes
 from compressjax.core.rules import default_filter, option, resolve
-from compressjax.core.tree import (leaves_with_paths, map_with_paths,
-                                   materialize_tree)
+from compressjax.core.tree import leaves_with_paths, materialize_tree
 from compressjax.formats.integer import IntFormat
 from compressjax.quantization.rtn import check_quant_config, quantize_array
 
